@@ -1,0 +1,106 @@
+"""`mprnet` command line: restore images (train and evaluate are added by their modules)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from .variants import TASKS
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
+
+
+def _collect(inputs: Iterable[str]) -> list[tuple[Path, Path]]:
+    """(file, path relative to its input root) for every image under the given files and folders."""
+    found = []
+    for name in inputs:
+        p = Path(name)
+        if p.is_dir():
+            found += [(f, f.relative_to(p)) for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
+        elif p.is_file():
+            found.append((p, Path(p.name)))
+        else:
+            raise SystemExit(f"mprnet: no such file or folder: {p}")
+    return found
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--tile", type=int, default=512, help="tile size for large images (multiple of 8)")
+    p.add_argument("--tile-overlap", type=int, default=32, help="overlap between tiles (multiple of 8)")
+    p.add_argument("--tile-batch", type=int, default=4, help="tiles per forward pass")
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from PIL import Image, ImageOps
+    from tqdm import tqdm
+
+    from .bundled import bundled_weights
+    from .checkpoint import CheckpointError
+    from .inference import TileSettings, load_restorer
+
+    files = _collect(args.inputs)
+    if not files:
+        raise SystemExit("mprnet: no images found (PNG, JPEG, WebP, TIFF, BMP)")
+    out = Path(args.output)
+    single_file = len(files) == 1 and out.suffix.lower() in IMAGE_SUFFIXES
+    try:
+        weights = Path(args.weights) if args.weights else bundled_weights(args.task)
+        restorer = load_restorer(weights, args.device, args.precision, TileSettings(args.tile, args.tile_overlap, args.tile_batch))
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"mprnet: {e}") from None
+    print(f"mprnet: {args.task} with {weights} on {restorer.device} ({restorer.precision})", file=sys.stderr)
+    for src, rel in tqdm(files, disable=len(files) < 2 or None, unit="img"):
+        dst = out if single_file else out / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(src) as im:
+            icc = im.info.get("icc_profile")
+            im = ImageOps.exif_transpose(im)
+            result = restorer.restore(im)
+        if dst.suffix.lower() in (".jpg", ".jpeg") and result.mode not in ("RGB", "L"):
+            result = result.convert("RGB")
+        result.save(dst, **({"icc_profile": icc} if icc else {}))
+        if len(files) == 1:
+            print(f"mprnet: wrote {dst}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mprnet", description="MPRNet image restoration (deblur, derain, denoise)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("restore", help="restore image files or folders")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--weights", help="checkpoint (.pth of the release, plain state dict, or .safetensors); default: bundled")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders")
+    p.add_argument("-o", "--output", required=True, help="output file (one input) or folder (same names)")
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_restore)
+    for register in _extensions():
+        register(sub)
+    return parser
+
+
+def _extensions():
+    """Sub-commands that live in their own modules (train, evaluate), registered when present."""
+    import importlib
+
+    for name in ("train", "evaluate"):
+        try:
+            module = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{name}":
+                raise
+            continue
+        yield module.register_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Images in and out of the network's format: (3, H, W) float32 RGB in [0, 1].
+
+Accepted: numpy arrays H x W, H x W x 1, H x W x 3 or H x W x 4 of uint8 or uint16, and PIL images
+(L, LA, RGB, RGBA, P, CMYK, I;16 and friends). The result comes back as the same kind of object with
+the same size, channels and bit depth: grayscale is replicated to RGB for the network and averaged
+back; alpha is passed through untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+_MAX = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What is needed to turn the network's RGB output back into the caller's image."""
+
+    dtype: np.dtype
+    channels: int  # 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA) in the caller's array
+    squeeze: bool  # the caller's array was H x W (no channel axis)
+    alpha: np.ndarray | None  # H x W, passed through unchanged
+    pil_mode: str | None  # the caller gave a PIL image of this mode
+
+
+def _pil_to_array(img: Image.Image) -> tuple[np.ndarray, str]:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(img, dtype=np.uint16), mode
+    if mode == "I":  # 32-bit integer, as Pillow opens many 16-bit PNGs
+        return np.clip(np.asarray(img), 0, 65535).astype(np.uint16), mode
+    if mode in ("L", "LA", "RGB", "RGBA"):
+        return np.asarray(img), mode
+    if mode == "P" or mode == "PA":
+        target = "RGBA" if ("transparency" in img.info or mode == "PA") else "RGB"
+        return np.asarray(img.convert(target)), mode
+    if mode == "1":
+        return np.asarray(img.convert("L")), mode
+    # CMYK, YCbCr, LAB, HSV, F ...: the network works in RGB
+    return np.asarray(img.convert("RGB")), mode
+
+
+def to_tensor(image: np.ndarray | Image.Image) -> tuple[Tensor, ImageMeta]:
+    """Image -> ((3, H, W) float32 tensor in [0, 1], meta to undo the conversion)."""
+    pil_mode = None
+    if isinstance(image, Image.Image):
+        image, pil_mode = _pil_to_array(image)
+    arr = np.asarray(image)
+    if arr.dtype not in _MAX:
+        raise TypeError(f"images must be uint8 or uint16, got {arr.dtype}")
+    squeeze = arr.ndim == 2
+    if squeeze:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"expected an H x W x {{1,2,3,4}} image, got shape {np.asarray(image).shape}")
+    channels = arr.shape[2]
+    alpha = arr[:, :, -1].copy() if channels in (2, 4) else None
+    color = arr[:, :, :3] if channels >= 3 else np.repeat(arr[:, :, :1], 3, axis=2)
+    x = torch.from_numpy(np.ascontiguousarray(color).astype(np.float32) / _MAX[arr.dtype]).permute(2, 0, 1)
+    return x.contiguous(), ImageMeta(arr.dtype, channels, squeeze, alpha, pil_mode)
+
+
+def from_tensor(x: Tensor, meta: ImageMeta) -> np.ndarray | Image.Image:
+    """(3, H, W) tensor in [0, 1] -> the caller's kind of image (same dtype, channels and mode)."""
+    scale = _MAX[meta.dtype]
+    rgb = x.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
+    if meta.channels in (1, 2):
+        rgb = rgb.mean(axis=2, keepdims=True)
+    out = np.rint(rgb * scale).astype(meta.dtype)
+    if meta.alpha is not None:
+        out = np.concatenate([out, meta.alpha[:, :, None]], axis=2)
+    if meta.squeeze:
+        out = out[:, :, 0]
+    if meta.pil_mode is None:
+        return out
+    return _array_to_pil(out, meta.pil_mode)
+
+
+def _array_to_pil(out: np.ndarray, mode: str) -> Image.Image:
+    # Pillow infers L / LA / RGB / RGBA / I;16 from the array's shape and dtype.
+    if mode == "I":
+        return Image.fromarray(out.astype(np.int32))
+    img = Image.fromarray(out)
+    return img.convert("1") if mode == "1" else img

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install the project. Usage: scripts/setup.sh [extra]   e.g. "dev"
+# Idempotent: re-running only installs what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extra="${1:-}"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+fi
+# torch first, exactly pinned: on the project's machines this is the CPU build on local disk. On a
+# GPU host, install the CUDA build of the same version before running this (see README).
+.venv/bin/pip install -q "torch==2.13.0"
+spec="."
+[ -n "$extra" ] && spec=".[$extra]"
+.venv/bin/pip install -q -e "$spec"
