@@ -66,7 +66,8 @@ function headline(status, retryAfter) {
     case 422: return "The server could not read this file as an image.";
     case 401:
     case 403: return "The server needs a valid API token: enter it under Options.";
-    case 404: return "The server does not know this task.";
+    case 404: return "This server does not offer this task.";
+    case 406: return "The server cannot send the result in the chosen format.";
     case 413: return "This image is too large for the server. Try a smaller one.";
     case 415: return "This file type is not supported. Try a PNG, JPEG or WebP image.";
     case 429: return "The server is busy with other images." + wait;
@@ -196,9 +197,7 @@ form.addEventListener("submit", async (e) => {
   const task = new FormData(form).get("task");
   const body = new FormData();
   body.append("image", chosenFile, chosenFile.name);
-  const headers = {};
-  const token = $("token").value.trim();
-  if (token) headers.Authorization = `Bearer ${token}`;
+  const headers = authHeaders();
 
   clearError();
   setBusy(true);
@@ -347,21 +346,44 @@ for (const button of document.querySelectorAll(".view-toggle button")) {
   });
 }
 
-// ---- which tasks are ready -----------------------------------------------------------------------
+// ---- what this server offers ----------------------------------------------------------------------
 
-/** Marks tasks the server lists as not ready; the page works without this (e.g. an old server). */
-async function showTaskReadiness() {
-  try {
-    const response = await fetch("tasks", { headers: { Accept: "application/json" } });
-    if (!response.ok) return;
-    const body = await response.json();
-    const tasks = Array.isArray(body) ? body : Array.isArray(body.tasks) ? body.tasks : [];
-    for (const t of tasks) {
-      const label = document.querySelector(`[data-task-state="${CSS.escape(String(t.name || t.task || ""))}"]`);
-      if (label && t.ready === false) label.textContent = "not ready yet";
-    }
-  } catch (_) { /* readiness is a hint only */ }
+function authHeaders() {
+  const token = $("token").value.trim();
+  return token ? { Authorization: `Bearer ${token}` } : {};
 }
 
+/** Disables tasks this server does not serve, marks those still warming up, shows the size limits.
+ *  A hint only: the page works without it (GET tasks needs the token when the server has one). */
+async function showServerInfo() {
+  let body;
+  try {
+    const response = await fetch("tasks", { headers: { Accept: "application/json", ...authHeaders() } });
+    if (!response.ok) return;
+    body = await response.json();
+  } catch (_) {
+    return;
+  }
+  const tasks = body && body.tasks;
+  if (tasks && typeof tasks === "object" && !Array.isArray(tasks)) {
+    const radios = [...form.querySelectorAll('input[name="task"]')];
+    for (const radio of radios) {
+      const info = tasks[radio.value];
+      radio.disabled = !info;
+      $(`state-${radio.value}`).textContent = !info ? "not on this server" : info.ready === false ? "warming up" : "";
+    }
+    const checked = radios.find((r) => r.checked);
+    if (checked && checked.disabled) {
+      const first = radios.find((r) => !r.disabled);
+      if (first) first.checked = true;
+    }
+  }
+  const limits = body && body.limits;
+  if (limits && limits.max_upload_bytes && limits.max_pixels) {
+    $("limits").textContent = ` Up to ${formatBytes(limits.max_upload_bytes)} and ${+(limits.max_pixels / 1e6).toFixed(1)} megapixels.`;
+  }
+}
+
+$("token").addEventListener("change", showServerInfo);
 setSplit(50);
-showTaskReadiness();
+showServerInfo();

@@ -43,6 +43,7 @@ class Scripted:
 
 @dataclass
 class StubState:
+    tasks: tuple[str, ...] = TASKS  # what GET /tasks lists, like a server started with MPRNET_TASKS
     script: deque[Scripted] = field(default_factory=deque)  # answered first, in order, one per request
     arrivals: list[float] = field(default_factory=list)  # time.monotonic() of each POST
     tokens: list[str | None] = field(default_factory=list)  # Authorization header of each POST
@@ -65,8 +66,9 @@ def create_stub_app(state: StubState | None = None) -> FastAPI:
     app.include_router(ui_router)
 
     @app.get("/tasks")
-    async def tasks() -> dict:
-        return {"tasks": [{"name": t, "ready": True} for t in TASKS]}
+    async def tasks() -> dict:  # the real service's shape, less its model details
+        limits = {"max_upload_bytes": 50 * 1024 * 1024, "max_pixels": 25_000_000, "request_timeout_s": 60.0}
+        return {"tasks": {t: {"ready": True} for t in app.state.stub.tasks}, "limits": limits}
 
     @app.post("/restore/{task}")
     async def restore(task: str, request: Request, format: str = "png") -> Response:
@@ -85,7 +87,7 @@ def create_stub_app(state: StubState | None = None) -> FastAPI:
             if s.script:
                 canned = s.script.popleft()
                 return error(canned.status, canned.code, canned.detail, canned.headers)
-            if task not in TASKS:
+            if task not in s.tasks:
                 return error(404, "unknown_task", f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
             return await _restore(request, format)
         finally:

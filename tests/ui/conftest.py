@@ -20,7 +20,9 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: Playwright's sync API keeps an asyncio loop marked running in this
+# thread while it is started, which would break asyncio.run() in any test that comes after.
+@pytest.fixture(scope="package")
 def browser() -> Iterator:
     if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
         pytest.fail(f"Chromium not found at {CHROMIUM}: run scripts/setup-dev.sh (it installs Debian's chromium), "

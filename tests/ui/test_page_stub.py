@@ -181,3 +181,17 @@ def test_a_tall_image_fits_the_screen_and_the_frame_hugs_it(page_and_watch, stub
     assert img["width"] == pytest.approx(300 * img["height"] / 2000, abs=1)  # aspect ratio kept
     assert frame["width"] == pytest.approx(img["width"], abs=1)
     assert_stayed_home(watch, url)
+
+
+def test_tasks_the_server_does_not_offer_are_disabled(page_and_watch, stub):
+    page, watch = page_and_watch
+    url, state = stub
+    state.tasks = ("denoise",)
+    page.goto(url + "/")
+    derain = page.get_by_role("radio", name="Derain")
+    derain.wait_for()
+    page.get_by_text("not on this server").first.wait_for()  # filled in from GET tasks
+    assert derain.is_disabled() and page.get_by_role("radio", name="Deblur").is_disabled()
+    assert page.get_by_role("radio", name="Denoise").is_checked()  # moved off the disabled default
+    assert "Up to 50.0 MB and 25 megapixels." in page.locator("#drop-zone").inner_text()
+    assert_stayed_home(watch, url)
