@@ -1,0 +1,101 @@
+"""`python -m service` / `mprnet-serve`: check the settings, load the models, serve with a graceful drain.
+
+On SIGTERM (or Ctrl+C): /readyz turns 503 at once, new restore requests get 503 `draining`,
+admitted requests finish, then the server closes and the process exits 0, all within
+MPRNET_GRACE_PERIOD_S. A second Ctrl+C, or the end of the grace period, exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from .app import create_app
+from .middleware import RequestIdFilter
+from .models import StartupError
+from .runtime import Service
+from .settings import Settings, settings_error
+
+log = logging.getLogger("service")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, service: Service, grace_s: float) -> None:
+        super().__init__(config)
+        self.service, self.grace_s = service, grace_s
+        self.draining_since: float | None = None
+        self.timed_out = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Runs as a signal handler on the main thread: only hand the work to the loop.
+        if self.draining_since is not None or self._loop is None:
+            self.force_exit = self.should_exit = True
+            return
+        self.draining_since = time.monotonic()
+        self._loop.call_soon_threadsafe(self._begin_drain)
+
+    def _begin_drain(self) -> None:
+        assert self._loop is not None
+        self._drain_task = self._loop.create_task(self._drain())
+        self._loop.call_later(self.grace_s, self._out_of_time)
+
+    async def _drain(self) -> None:
+        self.service.start_drain()
+        margin = min(1.0, self.grace_s * 0.1)  # leave time to send the last answers and close
+        if not await self.service.wait_idle(max(0.0, self.grace_s - margin)):
+            log.warning("grace period ending with admitted requests still running")
+        assert self.draining_since is not None
+        self.config.timeout_graceful_shutdown = max(0.1, self.grace_s - (time.monotonic() - self.draining_since))
+        self.should_exit = True
+
+    def _out_of_time(self) -> None:
+        if not self.force_exit:
+            log.error("grace period of %.1f s over; exiting now", self.grace_s)
+        self.timed_out = self.force_exit = self.should_exit = True
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def main() -> int:
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        print(f"mprnet-serve: {settings_error(e)}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        app = create_app(settings)
+    except StartupError as e:
+        print(f"mprnet-serve: {e}", file=sys.stderr)
+        return 2
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False, timeout_graceful_shutdown=settings.grace_period_s)
+    server = DrainingServer(config, app.state.service, settings.grace_period_s)
+    server.run()
+    if server.timed_out:
+        # Do not wait for a device or codec thread that is still busy: the grace period is over.
+        logging.shutdown()
+        os._exit(1)
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

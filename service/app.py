@@ -1,0 +1,52 @@
+"""The app factory: `create_app(settings)` for `python -m service`, tests and other tools."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+
+from .errors import install_handlers
+from .middleware import RequestContext
+from .models import TaskModel, load_models
+from .routes import router
+from .runtime import Service
+from .settings import Settings
+
+
+def create_app(settings: Settings | None = None, models: dict[str, TaskModel] | None = None) -> FastAPI:
+    """Load the models (or take `models`, e.g. fakes in tests) and build the app; raises StartupError."""
+    settings = settings or Settings()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    service = Service(settings, models if models is not None else load_models(settings))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()  # warm-up runs in the background; /readyz says when it is done
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="mprnet-serve",
+        version="0.1.0",
+        summary="MPRNet image restoration (deblurring, deraining, denoising) with a dynamic micro-batcher",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    install_handlers(app)
+    app.add_middleware(RequestContext, metrics=service.metrics)
+    app.include_router(router)
+    if settings.ui_enabled:
+        try:
+            from .ui import router as ui_router
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.ui":
+                raise
+        else:
+            app.include_router(ui_router)
+    return app

@@ -1,0 +1,321 @@
+"""The dynamic micro-batcher: per-task queues of planned requests, one consumer, one device.
+
+A request (`Job`) is a `Plan`: N items of one static shape (a bucket-padded image, or tiles). The
+consumer picks a task round-robin (no task starves another), takes the shape of that task's oldest
+waiting item, and gathers items of that shape in arrival order, from any request, up to
+`max_batch_size` items and `batch_pixels` pixels. Tiles of different requests share batches.
+
+When to close a batch: at once if it is full, or if nothing else is on its way. Only while other
+requests of the task are still being decoded (`arriving`) does it wait for them, and never past
+`max_wait_s` after the oldest item was queued. So a lone request on an idle device never waits, a
+burst is batched, and while the device is busy the queue fills by itself (REFERENCE §3).
+
+Every state change happens on the event loop (producer and consumer share one loop), so there are
+no locks; only the model runs elsewhere, on the device worker's thread. Every job's future is
+resolved exactly once (`_resolve` checks), errors fan out to every member of a failed batch, and a
+result count that does not match the batch is an error for all of them, not a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from .errors import DeadlineExceeded, InferenceFailed, OutOfMemory, QueueFull, ServiceError
+from .metrics import Metrics
+from .planner import Plan
+from .worker import ItemOutOfMemory
+
+log = logging.getLogger("service.batcher")
+
+RunBatch = Callable[[str, Sequence[Tensor]], Awaitable[Sequence[Tensor | BaseException]]]
+Replan = Callable[[Tensor, Plan], Plan | None]
+
+
+@dataclass(eq=False)
+class Job:
+    """One admitted request. `future` resolves to its N outputs (3, h, w), in item order, or an error."""
+
+    task: str
+    plan: Plan
+    image: Tensor  # (3, H, W), kept for the out-of-memory re-plan
+    deadline: float  # time.monotonic() by which compute must have started
+    request_id: str = "-"
+    enqueued: float = field(default_factory=time.monotonic)
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    outputs: list[Tensor | None] = field(init=False)
+    next_item: int = 0  # items before this one were dispatched
+    done_items: int = 0
+    generation: int = 0  # bumped by a re-plan; results of older items are ignored
+    started: float | None = None  # when its first item was dispatched
+    finished: float | None = None  # when its future was resolved
+    queued: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+    def __post_init__(self) -> None:
+        self.outputs = [None] * len(self.plan)
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        run: RunBatch,
+        metrics: Metrics,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        batch_pixels: float,
+        queue_max_requests: int,
+        queue_max_pixels: float,
+        replan: Replan | None = None,
+    ) -> None:
+        self.tasks = tuple(tasks)
+        self.run, self.metrics, self.replan = run, metrics, replan
+        self.max_batch_size, self.max_wait_s, self.batch_pixels = max_batch_size, max_wait_s, batch_pixels
+        self.queue_max_requests, self.queue_max_pixels = queue_max_requests, queue_max_pixels
+        self._queues: dict[str, deque[Job]] = {t: deque() for t in self.tasks}
+        self._depth = dict.fromkeys(self.tasks, 0)
+        self._pixels = dict.fromkeys(self.tasks, 0)
+        self._arriving = dict.fromkeys(self.tasks, 0)
+        self._changed = asyncio.Event()
+        self._last = -1  # index of the task served last (round-robin)
+        self._pixels_per_s = 0.0  # moving average of device throughput, for Retry-After
+        self._in_flight: list[Job] = []  # members of the batch on the device now
+        self.batches = 0
+        metrics.watch_queue(self.depth, self.pixels, self.oldest_wait)
+
+    # ---- producer side (request handlers) ----------------------------------------------------
+
+    def depth(self, task: str | None = None) -> int:
+        return sum(self._depth.values()) if task is None else self._depth[task]
+
+    def pixels(self, task: str | None = None) -> int:
+        return sum(self._pixels.values()) if task is None else self._pixels[task]
+
+    def oldest_wait(self, task: str) -> float:
+        return next((time.monotonic() - j.enqueued for j in self._queues[task] if j.queued), 0.0)
+
+    def retry_after_s(self) -> float:
+        """How long the queue takes to drain at the measured throughput (1 s before any measurement)."""
+        return self.pixels() / self._pixels_per_s if self._pixels_per_s else 1.0
+
+    def admit(self, task: str, pixels: int = 0) -> None:
+        """Raise QueueFull (429) when one more request of `pixels` would overflow the queue."""
+        if self.depth() >= self.queue_max_requests:
+            why = f"The queue holds {self.depth()} requests, its limit"
+        elif self.pixels() + pixels > self.queue_max_pixels:
+            why = f"The queue holds {self.pixels() / 1e6:.1f} of its {self.queue_max_pixels / 1e6:.1f} megapixels"
+        else:
+            return
+        raise QueueFull(f"{why}; retry later.", self.retry_after_s())
+
+    @contextlib.contextmanager
+    def arriving(self, task: str) -> Iterator[None]:
+        """Mark a request of `task` as on its way (being decoded): an open batch may wait for it."""
+        self._arriving[task] += 1
+        try:
+            yield
+        finally:
+            self._arriving[task] -= 1
+            self._changed.set()
+
+    def submit(self, task: str, plan: Plan, image: Tensor, deadline: float, request_id: str = "-") -> Job:
+        """Queue a planned request (after `admit`); await `job.future` for its outputs."""
+        self.admit(task, plan.computed_pixels)
+        job = Job(task, plan, image, deadline, request_id)
+        job.timer = asyncio.get_running_loop().call_at(deadline, self._expire, job)
+        self._enqueue(job)
+        return job
+
+    def cancel(self, job: Job, error: ServiceError) -> None:
+        """Drop a request (its client went away): items not yet computed never will be."""
+        self._resolve(job, error=error)
+
+    # ---- queue bookkeeping ---------------------------------------------------------------------
+
+    def _enqueue(self, job: Job, front: bool = False) -> None:
+        job.queued = True
+        self._depth[job.task] += 1
+        self._pixels[job.task] += job.plan.computed_pixels
+        (self._queues[job.task].appendleft if front else self._queues[job.task].append)(job)
+        self._changed.set()
+
+    def _dequeue(self, job: Job) -> None:
+        # The job stays in its deque until the consumer passes it: removal there is lazy.
+        if job.queued:
+            job.queued = False
+            self._depth[job.task] -= 1
+            self._pixels[job.task] -= job.plan.computed_pixels
+
+    def _resolve(self, job: Job, result: list[Tensor] | None = None, error: ServiceError | None = None) -> None:
+        self._dequeue(job)
+        if job.timer:
+            job.timer.cancel()
+        if job.done:
+            return  # exactly once: the first answer wins
+        job.finished = time.monotonic()
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
+    def _expire(self, job: Job) -> None:
+        if job.started is None and not job.done:
+            self._resolve(job, error=DeadlineExceeded(time.monotonic() - job.enqueued))
+
+    def _live(self, task: str) -> deque[Job]:
+        q = self._queues[task]
+        while q and not q[0].queued:
+            q.popleft()
+        return q
+
+    # ---- consumer side ---------------------------------------------------------------------------
+
+    async def run_forever(self) -> None:
+        """The consumer loop; run it as one task and cancel it to stop."""
+        while True:
+            task = await self._next_task()
+            await self._window(task)
+            batch = self._take(task)
+            if batch:
+                await self._execute(task, batch)
+
+    async def _next_task(self) -> str:
+        while True:
+            n = len(self.tasks)
+            for step in range(1, n + 1):
+                i = (self._last + step) % n
+                if self._live(self.tasks[i]):
+                    self._last = i
+                    return self.tasks[i]
+            self._changed.clear()
+            await self._changed.wait()
+
+    def _shape_load(self, task: str) -> tuple[tuple[int, int] | None, int, int]:
+        """The oldest item's shape, and how many items and pixels of that shape are queued."""
+        q = self._live(task)
+        if not q:
+            return None, 0, 0
+        shape = q[0].plan.shape
+        items = sum(len(j.plan) - j.next_item for j in q if j.queued and j.plan.shape == shape)
+        return shape, items, items * shape[0] * shape[1]
+
+    def _full(self, task: str) -> bool:
+        shape, items, pixels = self._shape_load(task)
+        return shape is None or items >= self.max_batch_size or pixels + shape[0] * shape[1] > self.batch_pixels
+
+    async def _window(self, task: str) -> None:
+        """Hold the batch open while more requests of `task` are being decoded, up to max_wait_s."""
+        while self._arriving[task] and not self._full(task):
+            remaining = self._live(task)[0].enqueued + self.max_wait_s - time.monotonic()
+            if remaining <= 0:
+                return
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def _take(self, task: str) -> list[tuple[Job, int, int]]:
+        """Dispatch up to a full batch of the oldest shape: [(job, generation, item index)]."""
+        shape, _, _ = self._shape_load(task)
+        if shape is None:
+            return []
+        item_pixels = shape[0] * shape[1]
+        now, batch = time.monotonic(), []
+        for job in list(self._queues[task]):
+            if len(batch) >= self.max_batch_size or (len(batch) + 1) * item_pixels > self.batch_pixels:
+                break
+            if not job.queued or job.plan.shape != shape:
+                continue
+            if job.started is None and now >= job.deadline:
+                self._expire(job)  # the timer may run late on a busy loop: check again before compute
+                continue
+            if job.started is None:
+                job.started = now
+                self.metrics.queue_wait.labels(task).observe(now - job.enqueued)
+            while job.next_item < len(job.plan) and len(batch) < self.max_batch_size and (len(batch) + 1) * item_pixels <= self.batch_pixels:
+                batch.append((job, job.generation, job.next_item))
+                job.next_item += 1
+            if job.next_item == len(job.plan):
+                self._dequeue(job)
+        return batch
+
+    async def _execute(self, task: str, batch: list[tuple[Job, int, int]]) -> None:
+        jobs = list(dict.fromkeys(job for job, _, _ in batch))
+        self.metrics.batch_requests.labels(task).observe(len(jobs))
+        self.metrics.batch_tiles.labels(task).observe(len(batch))
+        start = time.monotonic()
+        self._in_flight = jobs
+        try:
+            results = await self.run(task, [job.plan.inputs[i] for job, _, i in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"the model returned {len(results)} results for a batch of {len(batch)}")
+        except Exception as e:  # noqa: BLE001 - fan the failure out to every member, keep serving
+            log.error("batch of %d items for %s failed (requests %s)", len(batch), task, ", ".join(j.request_id for j in jobs), exc_info=e)
+            for job in jobs:
+                self._resolve(job, error=InferenceFailed())
+            return
+        finally:
+            self._in_flight = []
+            elapsed = time.monotonic() - start
+            self.batches += 1
+            self.metrics.inference.labels(task).observe(elapsed)
+        pixels = len(batch) * batch[0][0].plan.shape[0] * batch[0][0].plan.shape[1]
+        rate = pixels / max(elapsed, 1e-6)
+        self._pixels_per_s = rate if not self._pixels_per_s else 0.8 * self._pixels_per_s + 0.2 * rate
+
+        too_big: list[Job] = []
+        for (job, generation, index), result in zip(batch, results, strict=True):
+            if job.done or generation != job.generation:
+                continue  # cancelled, failed, or re-planned meanwhile
+            if isinstance(result, ItemOutOfMemory):
+                too_big.append(job)
+            elif isinstance(result, BaseException):
+                self._resolve(job, error=InferenceFailed())
+            elif job.outputs[index] is None:
+                job.outputs[index] = result
+                job.done_items += 1
+                if job.done_items == len(job.plan):
+                    self.metrics.padding_waste.labels(task).observe(job.plan.padding_waste)
+                    self.metrics.megapixels.labels(task).inc(job.plan.height * job.plan.width / 1e6)
+                    self._resolve(job, result=job.outputs)
+        for job in dict.fromkeys(too_big):
+            await self._fall_back(job)
+
+    async def _fall_back(self, job: Job) -> None:
+        """An item of `job` did not fit alone: re-plan it with smaller tiles, or answer 503."""
+        if job.done:
+            return
+        plan = await asyncio.to_thread(self.replan, job.image, job.plan) if self.replan else None
+        if job.done:
+            return
+        if plan is None:
+            self._resolve(job, error=OutOfMemory(f"A {job.plan.width}x{job.plan.height} image does not fit in device memory even in the smallest tiles; try a smaller image or retry later."))
+            return
+        log.warning("request %s: out of memory with %s items; re-planned as %d items of %s", job.request_id, job.plan.shape, len(plan), plan.shape)
+        self._dequeue(job)
+        with contextlib.suppress(ValueError):
+            self._queues[job.task].remove(job)  # it re-enters at the front below
+        job.plan, job.generation, job.next_item, job.done_items = plan, job.generation + 1, 0, 0
+        job.outputs = [None] * len(plan)
+        self._enqueue(job, front=True)
+
+    def fail_all(self, error: ServiceError) -> None:
+        """Answer everything queued or on the device (used when stopping)."""
+        for job in self._in_flight:
+            self._resolve(job, error=error)
+        for q in self._queues.values():
+            for job in list(q):
+                self._resolve(job, error=error)
+            q.clear()

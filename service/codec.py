@@ -1,0 +1,155 @@
+"""Image bytes in and out (run in a thread pool: Pillow releases the GIL while it codes).
+
+Decoding checks the header before touching pixels: the pixel cap is enforced from the header, so a
+decompression bomb is refused without being decompressed. Only the formats in `FORMATS` are opened
+(never, say, EPS, which would run Ghostscript). EXIF orientation is applied, the ICC profile kept,
+CMYK converted to sRGB through its profile, palettes expanded, animations reduced to their first
+frame. Encoding keeps size, mode and depth where the format allows: PNG keeps alpha and 16 bits
+(compress level 1: the default level 6 costs several times the model's overhead budget); JPEG has
+neither; WebP keeps alpha, not 16 bits.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from model.images import ImageMeta, from_tensor, to_tensor
+
+from .errors import ServiceError
+
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # what Pillow may open
+OUTPUTS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+PNG_COMPRESS_LEVEL = 1
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+# Formats people send that we do not decode: answered 415 rather than "not an image"
+_OTHER_MAGIC = {b"%PDF": "PDF", b"<svg": "SVG", b"<?xm": "SVG/XML", b"8BPS": "PSD", b"\x00\x00\x01\x00": "ICO"}
+
+
+@dataclass
+class Decoded:
+    image: Tensor  # (3, H, W) float32 RGB in [0, 1]
+    meta: ImageMeta  # how to turn the RGB result back into the input's mode
+    icc: bytes | None
+    exif: bytes | None
+    format: str  # what the input was, e.g. "PNG"
+    frames: int  # > 1 for an animation, of which the first frame was restored
+
+
+def bad_input(detail: str) -> ServiceError:
+    return ServiceError(400, "bad_input", detail)
+
+
+def unsupported(detail: str) -> ServiceError:
+    return ServiceError(415, "unsupported", detail)
+
+
+def _open(data: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        pass
+    except Image.DecompressionBombError:
+        raise ServiceError(413, "too_large", "The image is over the decoder's safety limit on pixels.") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise bad_input(f"The image header could not be read ({e}); the file is corrupt or truncated.") from None
+    head = data[:16].lstrip()
+    kind = next((name for magic, name in _OTHER_MAGIC.items() if head.startswith(magic)), None)
+    if kind is None and data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif", b"ftypheim"):
+        kind = "HEIF/AVIF"
+    if kind is None:
+        try:  # a format Pillow knows but we do not serve; only the header is read, never the pixels
+            with Image.open(io.BytesIO(data)) as other:
+                kind = other.format
+        except Exception:  # noqa: BLE001 - anything unreadable is simply not an image
+            kind = None
+    if kind:
+        raise unsupported(f"{kind} images are not supported; send PNG, JPEG, WebP, GIF, BMP or TIFF.")
+    raise bad_input("The body is not an image (PNG, JPEG, WebP, GIF, BMP or TIFF).")
+
+
+def decode(data: bytes, max_pixels: int) -> Decoded:
+    """Bytes -> RGB tensor + what is needed to answer in kind. Raises ServiceError 400/413/415."""
+    if not data:
+        raise bad_input("The request body is empty; send an image.")
+    img = _open(data)
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ServiceError(413, "too_large", f"The image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}.")
+    if width < 1 or height < 1:
+        raise bad_input(f"The image has no pixels ({width}x{height}).")
+    frames = getattr(img, "n_frames", 1)
+    fmt = img.format or "?"
+    try:
+        img.seek(0)
+        img.load()
+    except Image.DecompressionBombError:
+        raise ServiceError(413, "too_large", f"The image is {width}x{height} pixels, over the decoder's safety limit.") from None
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad data; all are the client's file
+        raise bad_input(f"The image could not be decoded ({type(e).__name__}: {e}); the file is corrupt or truncated.") from None
+    try:
+        img = ImageOps.exif_transpose(img)  # upright pixels; the orientation tag is dropped
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block costs the orientation, not the request
+        pass
+    icc = img.info.get("icc_profile") or None
+    exif = img.info.get("exif") or None
+    if img.mode == "CMYK":
+        img = _cmyk_to_rgb(img, icc)
+        icc = None  # the pixels are sRGB now; a CMYK profile would misdescribe them
+    try:
+        tensor, meta = to_tensor(img)
+    except (TypeError, ValueError) as e:
+        raise unsupported(f"Images of mode {img.mode} are not supported ({e}).") from None
+    return Decoded(tensor, meta, icc, exif, fmt, frames)
+
+
+def _cmyk_to_rgb(img: Image.Image, icc: bytes | None) -> Image.Image:
+    if icc:
+        try:
+            return ImageCms.profileToProfile(img, ImageCms.ImageCmsProfile(io.BytesIO(icc)), _SRGB, outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # a broken embedded profile: fall back to the naive conversion
+    return img.convert("RGB")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.float64)
+        return Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8))
+    if img.mode == "1":
+        return img.convert("L")
+    return img
+
+
+def encode(restored: Tensor, decoded: Decoded, fmt: str, quality: int | None) -> bytes:
+    """(3, H, W) restored tensor -> bytes in `fmt` (png, jpeg or webp), in the input's mode where possible."""
+    img = from_tensor(restored, decoded.meta)
+    assert isinstance(img, Image.Image)
+    extra = {k: v for k, v in (("icc_profile", decoded.icc), ("exif", decoded.exif)) if v}
+    try:
+        return _save(img, fmt, quality, extra)
+    except Exception:  # noqa: BLE001 - a malformed profile or EXIF block from the client: drop them, keep the pixels
+        if not extra:
+            raise
+        return _save(img, fmt, quality, {})
+
+
+def _save(img: Image.Image, fmt: str, quality: int | None, extra: dict) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.save(buf, "PNG", compress_level=PNG_COMPRESS_LEVEL, **extra)
+    elif fmt == "jpeg":
+        img = to_8bit(img)
+        if img.mode not in ("L", "RGB"):
+            img = img.convert("L" if img.mode == "LA" else "RGB")  # JPEG has no alpha and no palette
+        img.save(buf, "JPEG", quality=quality or 90, **extra)
+    else:
+        img = to_8bit(img)
+        if img.mode not in ("RGB", "RGBA"):
+            img = img.convert("RGBA" if img.has_transparency_data else "RGB")
+        img.save(buf, "WEBP", quality=quality or 90, method=0, **extra)
+    return buf.getvalue()

@@ -1,0 +1,65 @@
+"""Per-request context as plain ASGI middleware (no BaseHTTPMiddleware: it would hide disconnects).
+
+Gives every request an id (the client's `X-Request-ID` when sane, else a new one), puts it on every
+response and in every log line of the request, and counts restore requests by task and status.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .metrics import Metrics
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+log = logging.getLogger("service.access")
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `request_id` to every log record (for the format string)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.monotonic()
+        given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
+        rid = given if _SANE_ID.match(given) else uuid.uuid4().hex
+        scope["request_id"], scope["arrived"] = rid, start
+        token = request_id_var.set(rid)
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            path = scope["path"]
+            if path.startswith("/restore/") and scope["method"] == "POST":
+                task = self.metrics.task_label(path.removeprefix("/restore/"))
+                elapsed = time.monotonic() - start
+                self.metrics.requests.labels(task, str(status)).inc()
+                self.metrics.request_duration.labels(task).observe(elapsed)
+                log.info("POST %s %s %.1f ms", path, status, elapsed * 1000)
+            request_id_var.reset(token)

@@ -1,0 +1,164 @@
+"""The running service: models, batcher, device worker, codec threads, readiness and drain state.
+
+One `Service` per app (in `app.state.service`); the routes use it, the lifespan starts and stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from .batcher import MicroBatcher
+from .errors import Draining, ServiceError
+from .metrics import Metrics
+from .models import TaskModel
+from .planner import Planner
+from .settings import MEGA, Settings
+from .worker import DeviceWorker
+
+log = logging.getLogger("service")
+T = TypeVar("T")
+
+
+class Service:
+    def __init__(self, settings: Settings, models: dict[str, TaskModel]) -> None:
+        self.settings = settings
+        self.models = models
+        self.tasks = tuple(models)
+        self.metrics = Metrics(self.tasks)
+        self.planner = Planner(settings.buckets, settings.tile_size, settings.tile_overlap)
+        device = next(iter(models.values())).device
+        self.worker = DeviceWorker({t: m.runner for t, m in models.items()}, device)
+        self.metrics.watch_device(device)
+        self.batcher = MicroBatcher(
+            self.tasks,
+            self.worker.run,
+            self.metrics,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_wait_ms / 1000,
+            batch_pixels=settings.batch_megapixels * MEGA,
+            queue_max_requests=settings.queue_max_requests,
+            queue_max_pixels=settings.queue_max_megapixels * MEGA,
+            replan=self.planner.smaller,
+        )
+        self.codec_pool = ThreadPoolExecutor(settings.codec_threads, thread_name_prefix="codec")
+        self.warm: dict[str, bool] = dict.fromkeys(self.tasks, False)
+        self.warm_errors: dict[str, str] = {}
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: list[asyncio.Task] = []
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self.batcher.run_forever(), name="batcher"), asyncio.create_task(self.warm_up(), name="warm-up")]
+
+    def warmup_shapes(self) -> list[tuple[int, int]]:
+        """The shapes warm-up runs: every static shape the batcher can produce, or only the smallest."""
+        shapes = self.planner.static_shapes()
+        mode = self.settings.warmup
+        if mode == "auto":
+            mode = "full" if self.worker.device.type == "cuda" else "minimal"
+        return shapes if mode == "full" else shapes[:1]
+
+    async def warm_up(self) -> None:
+        for task in self.tasks:
+            try:
+                for shape in self.warmup_shapes():
+                    await self.worker.warm_up(task, shape)
+            except Exception as e:  # noqa: BLE001 - reported by /readyz, the service stays up
+                self.warm_errors[task] = f"warm-up failed: {type(e).__name__}: {e}"
+                log.error("warm-up of %s failed", task, exc_info=e)
+                continue
+            self.warm[task] = True
+            self.metrics.model_ready.labels(task).set(1)
+            log.info("%s is warm", task)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self.batcher.fail_all(Draining())
+        for task in self.tasks:
+            self.metrics.model_ready.labels(task).set(0)
+        self.worker.close()
+        self.codec_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- readiness and drain ------------------------------------------------------------------
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        device_problem = await self.worker.probe()
+        tasks = {}
+        for task in self.tasks:
+            if self.warm[task]:
+                tasks[task] = {"ready": True, "detail": "warm"}
+            else:
+                tasks[task] = {"ready": False, "detail": self.warm_errors.get(task, "warming up")}
+        ok = not self.draining and device_problem is None and all(t["ready"] for t in tasks.values())
+        status = "draining" if self.draining else "ready" if ok else "not_ready"
+        device = {"name": str(self.worker.device), "ok": device_problem is None, "detail": device_problem or "answers"}
+        return ok, {"status": status, "tasks": tasks, "device": device}
+
+    def start_drain(self) -> None:
+        if not self.draining:
+            log.info("draining: refusing new work, finishing %d admitted requests", self._in_flight)
+        self.draining = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """True once no admitted request is left (within `timeout_s`)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
+    @contextlib.contextmanager
+    def admitted(self, task: str) -> Iterator[None]:
+        """Count a request as admitted work that a drain waits for; refuse it while draining."""
+        if self.draining:
+            raise Draining()
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    def check_ready(self, task: str) -> None:
+        if not self.warm[task]:
+            detail = self.warm_errors.get(task, "is still warming up")
+            raise ServiceError(503, "not_ready", f"The {task} model {detail}; retry shortly.", {"Retry-After": "5"})
+
+    # ---- threads ------------------------------------------------------------------------------
+
+    async def in_codec_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.codec_pool, fn, *args)
+
+    def describe(self) -> dict[str, Any]:
+        s = self.settings
+        batching = {
+            "max_batch_size": s.max_batch_size,
+            "max_wait_ms": s.max_wait_ms,
+            "batch_megapixels": s.batch_megapixels,
+            "buckets": [f"{w}x{h}" for w, h in s.buckets],
+            "tile_size": s.tile_size,
+            "tile_overlap": s.tile_overlap,
+            "static_shapes": [f"{w}x{h}" for h, w in self.planner.static_shapes()],
+            "queue_max_requests": s.queue_max_requests,
+            "queue_max_megapixels": s.queue_max_megapixels,
+        }
+        return {
+            "tasks": {t: {"ready": self.warm[t], **m.describe()} for t, m in self.models.items()},
+            "batching": batching,
+            "limits": {"max_upload_bytes": s.max_upload_bytes, "max_pixels": s.max_pixels, "request_timeout_s": s.request_timeout_s},
+        }

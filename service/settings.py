@@ -1,0 +1,162 @@
+"""Service settings: one typed class read from `MPRNET_*` environment variables, checked at start-up.
+
+A bad value stops start-up with a message naming the variable and the value (`settings_error`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from model.variants import TASKS
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+MEGA = 1_000_000  # a megapixel is 10^6 pixels
+
+
+def _split(value: object) -> object:
+    """'a, b,c' -> ['a', 'b', 'c'] (lists pass through): comma lists are not JSON in the environment."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Sizes are pixels, durations seconds unless the name says ms."""
+
+    model_config = SettingsConfigDict(env_prefix="MPRNET_", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"  # containers set 0.0.0.0; the safe default listens on loopback only
+    port: int = Field(8000, ge=1, le=65535)
+    device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    tasks: Annotated[tuple[str, ...], NoDecode] = TASKS
+    weights_dir: Path | None = None  # holds <task>.safetensors or <task>.pth
+    weights_deblur: Path | None = None  # a file, or a directory holding deblur.safetensors / .pth
+    weights_derain: Path | None = None
+    weights_denoise: Path | None = None
+
+    # Batching: a batch closes at max_batch_size items (images or tiles), at batch_megapixels, or
+    # max_wait_ms after its first request (waiting only while more requests are being decoded).
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    # Bucket shapes WIDTHxHEIGHT ("512x384") or squares ("256"): small images are padded to the
+    # smallest bucket that holds them; larger ones are cut into tile_size tiles.
+    buckets: Annotated[tuple[tuple[int, int], ...], NoDecode] = ((256, 256), (512, 512))
+    tile_size: int = Field(512, ge=16, le=4096)
+    tile_overlap: int = Field(32, ge=0)
+    batch_megapixels: float = Field(2.0, gt=0)
+    warmup: Literal["auto", "full", "minimal"] = "auto"  # auto: every static shape on CUDA, one per task on the CPU
+
+    # Admission control, shared by all tasks on the device.
+    queue_max_requests: int = Field(256, ge=1)
+    queue_max_megapixels: float = Field(100.0, gt=0)
+    max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(25_000_000, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0)  # deadline before compute starts; a header may shorten it
+    grace_period_s: float = Field(30.0, ge=0)
+    codec_threads: int = Field(max(2, min(8, os.cpu_count() or 2)), ge=1, le=64)
+    torch_threads: int = Field(0, ge=0, le=1024)  # CPU intra-op threads for the model; 0 keeps torch's default
+
+    api_token: SecretStr | None = None  # when set, /restore and /tasks need "Authorization: Bearer <token>"
+    ui_enabled: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("log_level", "precision", "warmup", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        v = v.strip().lower()
+        if not _DEVICE.match(v):
+            raise ValueError("use auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _tasks(cls, v: object) -> object:
+        names = _split(v)
+        if isinstance(names, (list, tuple)):
+            unknown = [n for n in names if n not in TASKS]
+            if unknown:
+                raise ValueError(f"unknown task(s) {unknown}: choose from {', '.join(TASKS)}")
+            if not names:
+                raise ValueError("name at least one task")
+            return tuple(dict.fromkeys(names))  # dedupe, keep order
+        return v
+
+    @field_validator("buckets", mode="before")
+    @classmethod
+    def _buckets(cls, v: object) -> object:
+        parts = _split(v)
+        if not isinstance(parts, (list, tuple)):
+            return v
+        shapes = []
+        for part in parts:
+            if isinstance(part, (list, tuple)):
+                w, h = part
+            else:
+                m = re.fullmatch(r"(\d+)(?:[xX](\d+))?", str(part))
+                if not m:
+                    raise ValueError(f"bucket {part!r} is not N or WIDTHxHEIGHT")
+                w, h = int(m[1]), int(m[2] or m[1])
+            if w <= 0 or h <= 0 or w % 8 or h % 8:
+                raise ValueError(f"bucket {part!r}: width and height must be positive multiples of 8")
+            shapes.append((int(w), int(h)))
+        return tuple(sorted(set(shapes), key=lambda s: (s[0] * s[1], s)))
+
+    @field_validator("weights_dir", "weights_deblur", "weights_derain", "weights_denoise")
+    @classmethod
+    def _exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.exists():
+            raise ValueError("no such file or directory")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.tile_size % 8:
+            raise ValueError(f"MPRNET_TILE_SIZE={self.tile_size}: must be a multiple of 8")
+        if self.tile_overlap % 8 or self.tile_overlap * 2 >= self.tile_size:
+            raise ValueError(f"MPRNET_TILE_OVERLAP={self.tile_overlap}: must be a multiple of 8 and under half of MPRNET_TILE_SIZE={self.tile_size}")
+        largest = max([w * h for w, h in self.buckets] + [self.tile_size**2])
+        if largest > self.batch_megapixels * MEGA:
+            raise ValueError(
+                f"MPRNET_BATCH_MEGAPIXELS={self.batch_megapixels}: smaller than one {largest / MEGA:.3f} MP bucket or tile; raise it or shrink buckets/tiles"
+            )
+        if self.max_pixels > self.queue_max_megapixels * MEGA:
+            raise ValueError(
+                f"MPRNET_MAX_PIXELS={self.max_pixels}: larger than MPRNET_QUEUE_MAX_MEGAPIXELS={self.queue_max_megapixels} MP, so such an image could never be queued"
+            )
+        return self
+
+    def weights_for(self, task: str) -> Path | None:
+        """The configured weights file for `task`, or None for the bundled default."""
+        for path, setting in ((getattr(self, f"weights_{task}"), f"MPRNET_WEIGHTS_{task.upper()}"), (self.weights_dir, "MPRNET_WEIGHTS_DIR")):
+            if path is None:
+                continue
+            if path.is_file():
+                return path
+            for name in (f"{task}.safetensors", f"{task}.pth"):
+                if (path / name).is_file():
+                    return path / name
+            if setting != "MPRNET_WEIGHTS_DIR":
+                raise ValueError(f"{setting}={path}: directory holds no {task}.safetensors or {task}.pth")
+        return None
+
+
+def settings_error(err: ValidationError) -> str:
+    """A start-up message naming each bad variable and its value."""
+    lines = []
+    for e in err.errors():
+        name = "MPRNET_" + "_".join(str(p) for p in e["loc"]).upper() if e["loc"] else "settings"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(msg if not e["loc"] else f"{name}={e.get('input')!r}: {msg}")
+    return "invalid settings:\n  " + "\n  ".join(lines)

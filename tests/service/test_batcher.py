@@ -1,0 +1,254 @@
+"""The micro-batcher with a fake model on the real device worker: batching, grouping, fan-out,
+deadlines, cancellation, backpressure, out-of-memory fallback and fairness. Driven by events."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+import torch
+
+from service.batcher import MicroBatcher
+from service.errors import DeadlineExceeded, Disconnected, InferenceFailed, OutOfMemory, QueueFull
+from service.metrics import Metrics
+from service.planner import Plan, Planner
+from service.worker import DeviceWorker
+from tests.service.conftest import FakeModel
+
+pytestmark = pytest.mark.anyio
+FAR = 1e9  # a deadline that never comes
+
+
+def plan(value: float, shape=(8, 8), items: int = 1) -> Plan:
+    """`items` items of `shape`, item k filled with value + k (distinct, so results show cross-talk)."""
+    x = torch.stack([torch.full((3, *shape), value + k) for k in range(items)])
+    return Plan(shape[0], shape[1], shape, x, None)
+
+
+@asynccontextmanager
+async def batcher(model: FakeModel, tasks=("a", "b"), planner: Planner | None = None, **kw):
+    worker = DeviceWorker(dict.fromkeys(tasks, model), torch.device("cpu"))
+    options = dict(max_batch_size=8, max_wait_s=60.0, batch_pixels=1e9, queue_max_requests=100, queue_max_pixels=1e12)
+    options.update(kw)
+    b = MicroBatcher(tasks, worker.run, Metrics(tasks), replan=planner.smaller if planner else None, **options)
+    consumer = asyncio.create_task(b.run_forever())
+    try:
+        yield b
+    finally:
+        model.gate.set()
+        consumer.cancel()
+        worker.close()
+
+
+def submit(b: MicroBatcher, p: Plan, task="a", deadline=FAR):
+    return b.submit(task, p, p.inputs[0], asyncio.get_running_loop().time() + deadline if deadline != FAR else FAR)
+
+
+async def occupy(b: MicroBatcher, model: FakeModel, task="a"):
+    """Put one job on the device and hold it there (gate closed) until the test opens the gate."""
+    model.gate.clear()
+    model.entered.clear()
+    job = submit(b, plan(-1.0), task)
+    await anyio.to_thread.run_sync(model.entered.wait)
+    return job
+
+
+async def test_lone_request_on_idle_device_runs_at_once():
+    model = FakeModel()
+    async with batcher(model, max_wait_s=60.0) as b:  # a full window would time the test out
+        job = submit(b, plan(3.0))
+        with anyio.fail_after(10):
+            (out,) = await job.future
+    assert torch.equal(out, torch.full((3, 8, 8), 3.0))
+
+
+async def test_requests_queued_while_busy_form_one_batch_each_with_its_own_result():
+    model = FakeModel()
+    async with batcher(model) as b:
+        first = await occupy(b, model)
+        jobs = [submit(b, plan(float(v))) for v in range(5)]
+        model.gate.set()
+        with anyio.fail_after(10):
+            results = [await j.future for j in [first, *jobs]]
+    assert [len(batch) for batch in model.batches] == [1, 5]
+    for v, (out,) in enumerate(results[1:]):
+        assert torch.equal(out, torch.full((3, 8, 8), float(v)))
+
+
+async def test_open_batch_waits_for_requests_being_decoded_then_closes_without_the_full_window():
+    model = FakeModel()
+    async with batcher(model, max_wait_s=60.0) as b:
+        with b.arriving("a"), b.arriving("a"):
+            one = submit(b, plan(1.0))
+            await asyncio.sleep(0)  # let the consumer open the batch
+            two = submit(b, plan(2.0))
+        with anyio.fail_after(10):  # the last arrival closes the batch, not the 60 s window
+            await one.future, await two.future
+    assert [len(batch) for batch in model.batches] == [2]
+
+
+async def test_mixed_shapes_are_grouped_and_tiles_of_different_requests_share_a_batch():
+    model = FakeModel()
+    async with batcher(model, max_batch_size=8) as b:
+        first = await occupy(b, model)
+        a = submit(b, plan(10.0, (8, 8), items=3))
+        c = submit(b, plan(20.0, (16, 8)))
+        d = submit(b, plan(30.0, (8, 8), items=4))
+        model.gate.set()
+        with anyio.fail_after(10):
+            outs = [await j.future for j in (first, a, c, d)]
+    shapes = [(len(batch), tuple(batch.shape[2:])) for batch in model.batches]
+    assert shapes == [(1, (8, 8)), (7, (8, 8)), (1, (16, 8))]
+    assert [float(o[0, 0, 0]) for o in outs[1]] == [10.0, 11.0, 12.0]
+    assert [float(o[0, 0, 0]) for o in outs[3]] == [30.0, 31.0, 32.0, 33.0]
+
+
+async def test_megapixel_budget_bounds_a_batch():
+    model = FakeModel()
+    async with batcher(model, max_batch_size=100, batch_pixels=3 * 64) as b:  # three 8x8 items
+        first = await occupy(b, model)
+        job = submit(b, plan(0.0, items=7))
+        model.gate.set()
+        with anyio.fail_after(10):
+            await first.future, await job.future
+    assert [len(batch) for batch in model.batches] == [1, 3, 3, 1]
+
+
+async def test_a_failing_batch_fails_every_member_and_the_batcher_keeps_serving():
+    calls = []
+
+    def fn(x):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return x.clone()
+
+    model = FakeModel(fn)
+    async with batcher(model) as b:
+        first = await occupy(b, model)
+        jobs = [submit(b, plan(float(v))) for v in range(3)]
+        model.gate.set()
+        with anyio.fail_after(10):
+            await first.future
+            for j in jobs:
+                with pytest.raises(InferenceFailed):
+                    await j.future
+            (out,) = await submit(b, plan(7.0)).future
+    assert calls == [1, 3, 1] and float(out[0, 0, 0]) == 7.0
+
+
+async def test_wrong_output_count_is_an_error_for_all_not_a_hang():
+    model = FakeModel(lambda x: x[:1].clone())
+    async with batcher(model) as b:
+        first = await occupy(b, model)
+        jobs = [submit(b, plan(float(v))) for v in range(3)]
+        model.gate.set()
+        with anyio.fail_after(10):
+            await first.future  # a batch of one gets one output: fine
+            for j in jobs:
+                with pytest.raises(InferenceFailed):
+                    await j.future
+
+
+async def test_deadline_passed_in_queue_is_answered_and_never_computed():
+    model = FakeModel()
+    async with batcher(model) as b:
+        first = await occupy(b, model)
+        late = submit(b, plan(5.0), deadline=0.05)
+        with anyio.fail_after(10), pytest.raises(DeadlineExceeded):
+            await late.future
+        assert b.depth() == 0
+        model.gate.set()
+        await first.future
+    assert not model.saw(torch.full((3, 8, 8), 5.0))
+
+
+async def test_cancelled_request_is_dropped_before_compute():
+    model = FakeModel()
+    async with batcher(model) as b:
+        first = await occupy(b, model)
+        gone = submit(b, plan(6.0))
+        kept = submit(b, plan(7.0))
+        b.cancel(gone, Disconnected())
+        model.gate.set()
+        with anyio.fail_after(10):
+            await first.future, await kept.future
+        with pytest.raises(Disconnected):
+            gone.future.result()
+    assert not model.saw(torch.full((3, 8, 8), 6.0)) and model.saw(torch.full((3, 8, 8), 7.0))
+
+
+async def test_full_queue_refuses_with_a_retry_after():
+    model = FakeModel()
+    async with batcher(model, queue_max_requests=2) as b:
+        first = await occupy(b, model)  # on the device: no longer queued
+        queued = [submit(b, plan(float(v))) for v in range(2)]
+        with pytest.raises(QueueFull) as refused:
+            submit(b, plan(9.0))
+        assert refused.value.status == 429 and int(refused.value.headers["Retry-After"]) >= 1
+        model.gate.set()
+        with anyio.fail_after(10):
+            await first.future, *[await j.future for j in queued]
+
+
+async def test_tasks_are_served_round_robin():
+    model = FakeModel()
+    async with batcher(model, max_batch_size=1) as b:
+        first = await occupy(b, model, task="a")
+        jobs = [submit(b, plan(float(10 + v)), "a") for v in range(3)] + [submit(b, plan(float(20 + v)), "b") for v in range(3)]
+        model.gate.set()
+        with anyio.fail_after(10):
+            await first.future, *[await j.future for j in jobs]
+    served = [int(batch[0, 0, 0, 0]) // 10 for batch in model.batches[1:]]
+    assert served == [2, 1, 2, 1, 2, 1]  # after task a's batch: b, a, b, a, ...
+
+
+def oom_over(pixels: int):
+    def fn(x):
+        if x.shape[0] * x.shape[2] * x.shape[3] > pixels:
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        return x.clone()
+
+    return fn
+
+
+async def test_out_of_memory_splits_the_batch_and_every_request_still_succeeds():
+    model = FakeModel(oom_over(2 * 64))  # at most two 8x8 items fit
+    async with batcher(model) as b:
+        first = await occupy(b, model)
+        jobs = [submit(b, plan(float(v))) for v in range(4)]
+        model.gate.set()
+        with anyio.fail_after(10):
+            await first.future
+            outs = [await j.future for j in jobs]
+    assert [float(o[0][0, 0, 0]) for o in outs] == [0.0, 1.0, 2.0, 3.0]
+    assert [len(batch) for batch in model.batches] == [1, 4, 2, 2]
+
+
+async def test_out_of_memory_on_one_image_falls_back_to_smaller_tiles():
+    planner = Planner(((64, 64),), tile_size=64, overlap=16)
+    model = FakeModel(oom_over(40 * 40))  # a 64x64 item never fits, 32x32 tiles do
+    image = torch.rand(3, 50, 60)
+    async with batcher(model, planner=planner) as b:
+        p = planner.plan(image)
+        job = b.submit("a", p, image, FAR)
+        with anyio.fail_after(10):
+            outs = await job.future
+    assert job.plan.shape == (32, 32) and len(outs) == len(job.plan) > 1
+    assert torch.allclose(job.plan.assemble(outs), image, atol=1e-6)  # identity model: the image comes back
+
+
+async def test_out_of_memory_even_in_the_smallest_tiles_answers_that_request_only():
+    planner = Planner(((64, 64),), tile_size=64, overlap=16)
+    model = FakeModel(oom_over(0))
+    async with batcher(model, planner=planner) as b:
+        image = torch.rand(3, 40, 40)
+        job = b.submit("a", planner.plan(image), image, FAR)
+        with anyio.fail_after(10), pytest.raises(OutOfMemory) as err:
+            await job.future
+        assert err.value.status == 503
+        model.fn = lambda x: x.clone()  # memory is back: the batcher still serves
+        with anyio.fail_after(10):
+            await submit(b, plan(1.0)).future
