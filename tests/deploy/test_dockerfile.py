@@ -1,0 +1,119 @@
+"""docker/Dockerfile: hadolint-clean, and the container contract (signals, user, health check, GPU)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from service.settings import Settings
+
+from .checks import dockerfile_instructions, dockerfile_problems, dockerignore_excluded, env_pairs
+from .tools import ROOT, binary, run
+
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+HADOLINT_CONFIG = ROOT / ".hadolint.yaml"
+
+
+def torch_pin() -> str:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (pin,) = [d for d in deps if re.match(r"torch\s*==", d)]
+    return pin.split("==", 1)[1].strip()
+
+
+def hadolint(path: Path) -> subprocess.CompletedProcess:
+    return run([binary("hadolint"), "--no-color", "--config", str(HADOLINT_CONFIG), str(path)])
+
+
+def test_hadolint_passes():
+    proc = hadolint(DOCKERFILE)
+    assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize(
+    "old, new, expect",
+    [
+        ('CMD ["mprnet-serve"]', "CMD mprnet-serve", "DL3025"),  # shell form: SIGTERM goes to sh
+        ("HEALTHCHECK ", "HEALTHCHEK ", "unexpected"),  # misspelt instruction: a parse error
+        ('licenses="Apache-2.0"', 'licenses="Apache 2"', "DL3054"),  # label schema (.hadolint.yaml)
+        ('"torch==${TORCH_VERSION}"', "torch", "DL3013"),  # unpinned pip install
+    ],
+)
+def test_hadolint_rejects_a_broken_dockerfile(tmp_path, old, new, expect):
+    text = DOCKERFILE.read_text()
+    assert old in text
+    broken = tmp_path / "Dockerfile"
+    broken.write_text(text.replace(old, new, 1))
+    proc = hadolint(broken)
+    assert proc.returncode != 0 and expect in proc.stdout, proc.stdout
+
+
+def test_container_contract():
+    assert dockerfile_problems(DOCKERFILE.read_text(), torch_pin()) == []
+
+
+@pytest.mark.parametrize(
+    "old, new, expect",
+    [
+        ('CMD ["mprnet-serve"]', 'CMD ["sh", "-c", "mprnet-serve"]', "CMD must be the exec form"),
+        ("USER 10001:10001", "USER mprnet", "numeric"),
+        ("USER 10001:10001", "USER 0", "numeric"),
+        ("ARG TORCH_VERSION=2.13.0", "ARG TORCH_VERSION=2.12.0", "differs from pyproject"),
+        ("NVIDIA_DRIVER_CAPABILITIES=compute,utility", "NVIDIA_DRIVER_CAPABILITIES=utility", "compute,utility"),
+        ("MPRNET_HOST=0.0.0.0", "MPRNET_HOST=127.0.0.1", "MPRNET_HOST"),
+        ("/livez", "/readyz", "HEALTHCHECK"),
+        ('CMD ["python", "-c"', 'CMD ["curl", "-c"', "HEALTHCHECK"),
+        ("STOPSIGNAL SIGTERM", "STOPSIGNAL SIGKILL", "STOPSIGNAL"),
+    ],
+)
+def test_container_contract_catches_a_broken_dockerfile(old, new, expect):
+    text = DOCKERFILE.read_text()
+    assert old in text
+    problems = dockerfile_problems(text.replace(old, new, 1), torch_pin())
+    assert any(expect in p for p in problems), problems
+
+
+def test_settings_in_the_image_are_real_settings():
+    """extra="ignore" would silently drop a misspelt MPRNET_ variable: check every one by name."""
+    env = {}
+    for word, rest in dockerfile_instructions(DOCKERFILE.read_text()):
+        if word == "ENV":
+            env.update(env_pairs(rest))
+    ours = {k for k in env if k.startswith("MPRNET_")}
+    assert ours and ours <= settings_env_names(), ours - settings_env_names()
+
+
+def settings_env_names() -> set[str]:
+    """The variables the service reads (service/settings.py)."""
+    return {"MPRNET_" + name.upper() for name in Settings.model_fields}
+
+
+def test_start_command_is_the_service_entry_point():
+    """The image runs `mprnet-serve`, the console script for the module the tests start."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["mprnet-serve"] == "service.__main__:main"
+
+
+# --- .dockerignore --------------------------------------------------------------------------------
+
+NEEDED = ["pyproject.toml", "README.md", "model/__init__.py", "model/weights/denoise.safetensors", "service/__init__.py", "service/static/index.html"]
+LEFT_OUT = [".git/HEAD", ".venv/bin/python", "tests/deploy/test_dockerfile.py", "tests/tools/node_modules/yaml/package.json", "runs/x/ckpt.pt", "service/__pycache__/x.pyc", "docker/Dockerfile"]
+
+
+def test_dockerignore_keeps_what_the_build_copies():
+    rules = (ROOT / ".dockerignore").read_text()
+    for word, rest in dockerfile_instructions(DOCKERFILE.read_text()):
+        if word == "COPY" and "--from" not in rest:
+            for src in rest.split()[:-1]:
+                assert not dockerignore_excluded(rules, src.rstrip("/")), f"COPY {src}: excluded by .dockerignore"
+    assert [p for p in NEEDED if dockerignore_excluded(rules, p)] == []
+    assert [p for p in LEFT_OUT if not dockerignore_excluded(rules, p)] == []
+
+
+def test_dockerignore_check_catches_excluded_weights():
+    rules = (ROOT / ".dockerignore").read_text() + "\nmodel/weights\n"
+    assert dockerignore_excluded(rules, "model/weights/denoise.safetensors")
+    assert not dockerignore_excluded(rules, "model/__init__.py")
