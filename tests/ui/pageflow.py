@@ -20,13 +20,17 @@ def make_photo(path: Path, size: tuple[int, int], seed: int = 0) -> Path:
     return path
 
 
-def restore(page, base_url: str, image: Path, task: str = "denoise", fmt: str | None = None) -> None:
+def restore(page, base_url: str, image: Path, task: str = "denoise", fmt: str | None = None, token: str | None = None) -> None:
     """Open the page, choose the task and the file, press Restore (does not wait for the answer)."""
     page.goto(base_url + "/")
-    page.get_by_role("radio", name=task.capitalize()).check()
+    if fmt or token:
+        page.locator("summary", has_text="Options").click()
+    if token:
+        page.get_by_label("API token").fill(token)
+        page.get_by_label("API token").dispatch_event("change")
     if fmt:
-        page.get_by_text("Options").click()
         page.get_by_label("Result format").select_option(fmt)
+    page.get_by_role("radio", name=task.capitalize()).check()
     page.get_by_label("choose a file").set_input_files(str(image))
     page.get_by_role("button", name="Restore").click()
 
