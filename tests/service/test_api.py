@@ -1,0 +1,231 @@
+"""The HTTP API in-process with a fake model: readiness, auth, headers, formats, metrics, overload,
+deadlines, disconnects, model errors, out of memory and drain."""
+
+from __future__ import annotations
+
+import asyncio
+
+import anyio
+import pytest
+import torch
+
+from service.app import create_app
+from tests.live_server import metric_value
+from tests.service.conftest import FakeModel, decode, fake_app, fake_models, png, rand_image, running, test_settings
+
+pytestmark = pytest.mark.anyio
+IMG = rand_image(20, 30, seed=1)
+RAW = {"content-type": "image/png"}
+
+
+def as_tensor(arr) -> torch.Tensor:
+    return torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+
+
+async def occupy(client, model: FakeModel):
+    """Start a request whose batch is held on the device until `model.gate` opens; returns its task."""
+    model.gate.clear()
+    model.entered.clear()
+    task = asyncio.create_task(client.post("/restore/deblur", content=png(rand_image(8, 8, seed=99)), headers=RAW))
+    await anyio.to_thread.run_sync(model.entered.wait)
+    return task
+
+
+async def until(condition) -> None:
+    with anyio.fail_after(20):
+        while not condition():
+            await anyio.sleep(0.005)
+
+
+async def test_readiness_waits_for_warm_up():
+    model = FakeModel()
+    model.gate.clear()  # warm-up blocks in the model
+    app = create_app(test_settings(ui_enabled=False), models=fake_models(model=model))
+    async with running(app) as client:
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "not_ready" and r.headers["Retry-After"]
+        assert r.json()["tasks"]["deblur"] == {"ready": False, "detail": "warming up"}
+        assert (await client.get("/livez")).status_code == 200
+        r = await client.post("/restore/deblur", content=png(IMG), headers=RAW)
+        assert r.status_code == 503 and r.json()["code"] == "not_ready"
+        assert metric_value((await client.get("/metrics")).text, "mprnet_model_ready", task="deblur") == 0
+        model.gate.set()
+        with anyio.fail_after(20):
+            while (r := await client.get("/readyz")).status_code != 200:
+                await anyio.sleep(0.01)
+        assert r.json()["status"] == "ready" and r.json()["device"]["ok"]
+        assert metric_value((await client.get("/metrics")).text, "mprnet_model_ready", task="deblur") == 1
+
+
+async def test_restore_answers_the_image_with_request_id_and_server_timing():
+    async with fake_app() as (client, model, _):
+        r = await client.post("/restore/denoise", content=png(IMG), headers={**RAW, "X-Request-ID": "abc-123"})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert r.headers["x-request-id"] == "abc-123"
+        assert [p.split(";")[0].strip() for p in r.headers["server-timing"].split(",")] == ["decode", "queue", "inference", "encode"]
+        assert (decode(r.content) == IMG).all()  # identity model: the image comes back unchanged
+        r = await client.post("/restore/denoise", files={"image": ("x.png", png(IMG), "image/png")}, headers={"X-Request-ID": "bad id\x7f"})
+        assert r.status_code == 200 and len(r.headers["x-request-id"]) == 32  # an unusable id is replaced
+        assert (await client.get("/livez")).headers["x-request-id"]
+
+
+async def test_output_format_from_query_and_accept():
+    async with fake_app() as (client, _, _):
+        r = await client.post("/restore/derain?format=jpeg&quality=80", content=png(IMG), headers=RAW)
+        assert r.headers["content-type"] == "image/jpeg" and r.content[:2] == b"\xff\xd8"
+        r = await client.post("/restore/derain", content=png(IMG), headers={**RAW, "Accept": "image/webp"})
+        assert r.headers["content-type"] == "image/webp" and r.content[8:12] == b"WEBP"
+        r = await client.post("/restore/derain", content=png(IMG), headers={**RAW, "Accept": "image/avif,image/webp;q=0.5,*/*;q=0.1"})
+        assert r.headers["content-type"] == "image/webp"
+        r = await client.post("/restore/derain", content=png(IMG), headers={**RAW, "Accept": "text/html"})
+        assert r.status_code == 406 and r.json()["code"] == "not_acceptable"
+        r = await client.post("/restore/derain?format=gif", content=png(IMG), headers=RAW)
+        assert r.status_code == 422 and r.json()["code"] == "invalid_request"
+        r = await client.post("/restore/derain?quality=0", content=png(IMG), headers=RAW)
+        assert r.status_code == 422
+
+
+async def test_bearer_token_guards_restore_and_tasks_only():
+    async with fake_app(api_token="s3cret") as (client, _, _):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic czNjcmV0"}):
+            r = await client.post("/restore/deblur", content=png(IMG), headers={**RAW, **headers})
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and r.json()["code"] == "unauthorized"
+            assert (await client.get("/tasks", headers=headers)).status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert (await client.post("/restore/deblur", content=png(IMG), headers={**RAW, **ok})).status_code == 200
+        assert (await client.get("/tasks", headers=ok)).status_code == 200
+        for path in ("/livez", "/readyz", "/metrics"):
+            assert (await client.get(path)).status_code == 200
+
+
+async def test_tasks_describes_models_and_batching():
+    async with fake_app() as (client, _, app):
+        body = (await client.get("/tasks")).json()
+    assert set(body["tasks"]) == {"deblur", "derain", "denoise"}
+    assert body["tasks"]["derain"]["paper_task"] == "Deraining" and body["tasks"]["derain"]["ready"] is True
+    assert body["batching"]["static_shapes"] == ["32x32", "64x32", "32x64", "64x64"]
+    assert app.state.service.planner.static_shapes() == [(32, 32), (32, 64), (64, 32), (64, 64)]  # (h, w) for warm-up
+
+
+async def test_metrics_expose_the_contract_names():
+    async with fake_app() as (client, _, _):
+        assert (await client.post("/restore/deblur", content=png(rand_image(70, 90, seed=3)), headers=RAW)).status_code == 200
+        text = (await client.get("/metrics")).text
+    for name in (
+        "mprnet_requests_total", "mprnet_request_duration_seconds_bucket", "mprnet_queue_wait_seconds_bucket",
+        "mprnet_inference_duration_seconds_bucket", "mprnet_batch_size_requests_bucket", "mprnet_batch_size_tiles_bucket",
+        "mprnet_queue_depth_requests", "mprnet_queue_depth_megapixels", "mprnet_queue_oldest_wait_seconds",
+        "mprnet_megapixels_processed_total", "mprnet_padding_waste_ratio_bucket", "mprnet_rejected_total", "mprnet_model_ready",
+        "mprnet_gpu_memory_allocated_bytes", "mprnet_gpu_memory_reserved_bytes",
+    ):
+        assert f"\n{name}{{" in text, name
+    assert metric_value(text, "mprnet_requests_total", task="deblur", status="200") == 1
+    assert metric_value(text, "mprnet_batch_size_tiles_sum", task="deblur") == 4  # 70x90 -> 2x2 tiles of 64
+    assert metric_value(text, "mprnet_megapixels_processed_total", task="deblur") == pytest.approx(70 * 90 / 1e6)
+
+
+async def test_full_queue_answers_429_with_retry_after():
+    async with fake_app(queue_max_requests=1) as (client, model, app):
+        first = await occupy(client, model)
+        queued = asyncio.create_task(client.post("/restore/deblur", content=png(IMG), headers=RAW))
+        await until(lambda: app.state.service.batcher.depth() == 1)
+        r = await client.post("/restore/denoise", content=png(IMG), headers=RAW)
+        assert r.status_code == 429 and r.json()["code"] == "queue_full" and int(r.headers["Retry-After"]) >= 1
+        model.gate.set()
+        assert (await first).status_code == 200 and (await queued).status_code == 200
+        text = (await client.get("/metrics")).text
+        assert metric_value(text, "mprnet_rejected_total", task="denoise", reason="queue_full") == 1
+
+
+async def test_deadline_passed_in_queue_is_504_and_never_computed():
+    async with fake_app() as (client, model, _):
+        first = await occupy(client, model)
+        late = rand_image(24, 24, seed=5)
+        r = await client.post("/restore/deblur", content=png(late), headers={**RAW, "X-Request-Timeout": "0.2"})
+        assert r.status_code == 504 and r.json()["code"] == "deadline"
+        model.gate.set()
+        assert (await first).status_code == 200
+        assert not model.saw(as_tensor(late))
+        assert metric_value((await client.get("/metrics")).text, "mprnet_rejected_total", task="deblur", reason="deadline") == 1
+
+
+async def test_client_that_disconnects_while_queued_is_dropped_before_compute():
+    async with fake_app() as (client, model, app):
+        first = await occupy(client, model)
+        gone_image = rand_image(16, 16, seed=6)
+        body, disconnect, sent = png(gone_image), anyio.Event(), []
+        body_read = False
+
+        async def receive():
+            nonlocal body_read
+            if not body_read:
+                body_read = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await disconnect.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/restore/deblur",
+                 "raw_path": b"/restore/deblur", "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1), "server": ("test", 80),
+                 "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())]}
+        call = asyncio.create_task(app(scope, receive, send))
+        await until(lambda: app.state.service.batcher.depth() == 1)
+        disconnect.set()
+        with anyio.fail_after(10):
+            await call
+        assert app.state.service.batcher.depth() == 0
+        model.gate.set()
+        assert (await first).status_code == 200
+        assert not model.saw(as_tensor(gone_image))
+        text = (await client.get("/metrics")).text
+        assert metric_value(text, "mprnet_rejected_total", task="deblur", reason="disconnected") == 1
+        assert metric_value(text, "mprnet_requests_total", task="deblur", status="499") == 1
+
+
+async def test_model_error_is_a_json_500_and_the_service_keeps_serving():
+    model = FakeModel()
+    async with fake_app(model) as (client, _, _):
+        model.fn = lambda x: (_ for _ in ()).throw(RuntimeError("kaboom"))
+        r = await client.post("/restore/deblur", content=png(IMG), headers={**RAW, "X-Request-ID": "req-42"})
+        assert r.status_code == 500 and r.json()["code"] == "inference_failed" and "kaboom" not in r.text
+        model.fn = lambda x: x.clone()
+        assert (await client.post("/restore/deblur", content=png(IMG), headers=RAW)).status_code == 200
+
+
+def oom_over(pixels: int):
+    """A fake model that runs out of memory on any item of more than `pixels` pixels."""
+
+    def fn(x):
+        if x.shape[-1] * x.shape[-2] > pixels:
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        return x.clone()
+
+    return fn
+
+
+async def test_out_of_memory_falls_back_to_smaller_tiles_then_503_for_that_request_only():
+    model = FakeModel()
+    async with fake_app(model) as (client, _, _):
+        model.fn = oom_over(40 * 40)  # the 64x64 bucket does not fit, 32x32 tiles do
+        small = rand_image(40, 40, seed=8)
+        r = await client.post("/restore/deblur", content=png(small), headers=RAW)
+        assert r.status_code == 200 and (decode(r.content) == small).all()
+        model.fn = oom_over(0)  # nothing fits
+        r = await client.post("/restore/deblur", content=png(rand_image(60, 60, seed=7)), headers=RAW)
+        assert r.status_code == 503 and r.json()["code"] == "out_of_memory" and r.headers["Retry-After"]
+        model.fn = lambda x: x.clone()
+        assert (await client.post("/restore/denoise", content=png(small), headers=RAW)).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+        assert metric_value((await client.get("/metrics")).text, "mprnet_rejected_total", task="deblur", reason="oom") == 1
+
+
+async def test_draining_turns_readiness_and_new_work_away():
+    async with fake_app() as (client, _, app):
+        app.state.service.start_drain()
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "draining"
+        assert (await client.get("/livez")).status_code == 200
+        r = await client.post("/restore/deblur", content=png(IMG), headers=RAW)
+        assert r.status_code == 503 and r.json()["code"] == "draining" and r.headers["Retry-After"]
