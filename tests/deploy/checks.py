@@ -20,7 +20,7 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):  # Docker drops comments, even inside a continuation
             continue
-        pending += " " + (stripped[:-1] if stripped.endswith("\\") else stripped)
+        pending += " " + (stripped.removesuffix("\\"))
         if not stripped.endswith("\\"):
             word, _, rest = pending.strip().partition(" ")
             out.append((word.upper(), rest.strip()))
@@ -51,7 +51,7 @@ def dockerfile_problems(text: str, torch_pin: str) -> list[str]:
     froms = [i for i, (word, _) in enumerate(ins) if word == "FROM"]
     if len(froms) < 2:
         problems.append("not multi-stage: expected a build stage and a runtime stage")
-    final = ins[froms[-1]:] if froms else ins
+    final = ins[froms[-1] :] if froms else ins
     args = {}
     for word, rest in ins:
         if word == "ARG" and "=" in rest:
@@ -77,7 +77,9 @@ def dockerfile_problems(text: str, torch_pin: str) -> list[str]:
     cmds = [rest for word, rest in final if word == "CMD"]
     cmd = _exec_form(cmds[-1]) if cmds else None
     if cmd != ["mprnet-serve"]:
-        problems.append(f"CMD must be the exec form [\"mprnet-serve\"] so the server is PID 1 and gets SIGTERM, got {cmds[-1] if cmds else None!r}")
+        problems.append(
+            f'CMD must be the exec form ["mprnet-serve"] so the server is PID 1 and gets SIGTERM, got {cmds[-1] if cmds else None!r}'
+        )
     for word, rest in final:
         if word == "ENTRYPOINT":
             form = _exec_form(rest)
@@ -92,7 +94,9 @@ def dockerfile_problems(text: str, torch_pin: str) -> list[str]:
         m = re.search(r"\bCMD\s+(\[.*\])\s*$", checks[-1])
         probe = _exec_form(m.group(1)) if m else None
     if not probe or "/livez" not in " ".join(probe) or probe[0] in ("curl", "wget"):
-        problems.append(f"HEALTHCHECK must be exec form, probe /livez with python (no curl in slim), got {checks[-1] if checks else None!r}")
+        problems.append(
+            f"HEALTHCHECK must be exec form, probe /livez with python (no curl in slim), got {checks[-1] if checks else None!r}"
+        )
     return problems
 
 
@@ -160,7 +164,12 @@ def gpu_limits(docs: list[dict]) -> list[object]:
 def settings_of(docs: list[dict]) -> dict[str, str]:
     """The MPRNET_* settings from the rendered ConfigMap the Deployment reads."""
     (deploy,) = [d for d in docs if d.get("kind") == "Deployment"]
-    names = [ref["configMapRef"]["name"] for c in deploy["spec"]["template"]["spec"]["containers"] for ref in c.get("envFrom", []) if "configMapRef" in ref]
+    names = [
+        ref["configMapRef"]["name"]
+        for c in deploy["spec"]["template"]["spec"]["containers"]
+        for ref in c.get("envFrom", [])
+        if "configMapRef" in ref
+    ]
     maps = [d for d in docs if d.get("kind") == "ConfigMap" and d["metadata"]["name"] in names]
     assert maps, f"the ConfigMap(s) {names} the Deployment reads are not in the rendered output"
     return {k: str(v) for m in maps for k, v in (m.get("data") or {}).items()}
@@ -182,7 +191,9 @@ def shutdown_problems(deploy: dict, settings: dict[str, str]) -> list[str]:
     if total < sleep + grace + 1:
         problems.append(f"terminationGracePeriodSeconds={total} < preStop {sleep} s + MPRNET_GRACE_PERIOD_S {grace:g} s (+1 s)")
     if grace < timeout:
-        problems.append(f"MPRNET_GRACE_PERIOD_S={grace:g} < MPRNET_REQUEST_TIMEOUT_S={timeout:g}: admitted requests could be cut off")
+        problems.append(
+            f"MPRNET_GRACE_PERIOD_S={grace:g} < MPRNET_REQUEST_TIMEOUT_S={timeout:g}: admitted requests could be cut off"
+        )
     return problems
 
 
@@ -274,7 +285,11 @@ def exported_metrics(exposition: str) -> set[str]:
         parts = line.split()
         if len(parts) == 4 and parts[:2] == ["#", "TYPE"]:
             name, kind = parts[2], parts[3]
-            suffixes = {"histogram": ("_bucket", "_sum", "_count"), "summary": ("", "_sum", "_count"), "counter": ("", "_total")}.get(kind, ("",))
+            suffixes = {
+                "histogram": ("_bucket", "_sum", "_count"),
+                "summary": ("", "_sum", "_count"),
+                "counter": ("", "_total"),
+            }.get(kind, ("",))
             names.update(name + s for s in suffixes)
     return names
 

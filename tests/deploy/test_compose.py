@@ -34,7 +34,12 @@ def config(*files: Path, **env: str) -> dict:
 
 @pytest.mark.parametrize(
     "files, env",
-    [((COMPOSE,), {}), ((COMPOSE, CPU), {}), ((COMPOSE, WEIGHTS), {"MPRNET_WEIGHTS_HOST_DIR": "/tmp"}), ((COMPOSE, CPU, WEIGHTS), {"MPRNET_WEIGHTS_HOST_DIR": "/tmp"})],
+    [
+        ((COMPOSE,), {}),
+        ((COMPOSE, CPU), {}),
+        ((COMPOSE, WEIGHTS), {"MPRNET_WEIGHTS_HOST_DIR": "/tmp"}),
+        ((COMPOSE, CPU, WEIGHTS), {"MPRNET_WEIGHTS_HOST_DIR": "/tmp"}),
+    ],
     ids=["gpu", "cpu", "gpu+weights", "cpu+weights"],
 )
 def test_compose_config_is_valid(files, env):
@@ -47,7 +52,7 @@ def test_compose_config_is_valid(files, env):
     [
         ("    stop_grace_period: 45s", "    stop_grace_periode: 45s", "stop_grace_periode"),  # misspelt service key
         ("- driver: nvidia", "- drivr: nvidia", "drivr"),  # misspelt key in the GPU reservation
-        ("    ports:\n      - \"8000:8000\"", "    ports: 8000", "ports"),  # wrong type
+        ('    ports:\n      - "8000:8000"', "    ports: 8000", "ports"),  # wrong type
         ("  prometheus:\n", "  prometheus:\n    depends_on: [nosuchservice]\n", "nosuchservice"),  # dangling reference
     ],
 )

@@ -99,8 +99,23 @@ def test_start_command_is_the_service_entry_point():
 
 # --- .dockerignore --------------------------------------------------------------------------------
 
-NEEDED = ["pyproject.toml", "README.md", "model/__init__.py", "model/weights/denoise.safetensors", "service/__init__.py", "service/static/index.html"]
-LEFT_OUT = [".git/HEAD", ".venv/bin/python", "tests/deploy/test_dockerfile.py", "tests/tools/node_modules/yaml/package.json", "runs/x/ckpt.pt", "service/__pycache__/x.pyc", "docker/Dockerfile"]
+NEEDED = [
+    "pyproject.toml",
+    "README.md",
+    "model/__init__.py",
+    "model/weights/denoise.safetensors",
+    "service/__init__.py",
+    "service/static/index.html",
+]
+LEFT_OUT = [
+    ".git/HEAD",
+    ".venv/bin/python",
+    "tests/deploy/test_dockerfile.py",
+    "tests/tools/node_modules/yaml/package.json",
+    "runs/x/ckpt.pt",
+    "service/__pycache__/x.pyc",
+    "docker/Dockerfile",
+]
 
 
 def test_dockerignore_keeps_what_the_build_copies():

@@ -17,7 +17,15 @@ from pydantic import ValidationError
 
 from service.settings import Settings
 
-from .checks import autoscaler_problems, dockerfile_instructions, env_pairs, gpu_limits, pod_problems, settings_of, shutdown_problems
+from .checks import (
+    autoscaler_problems,
+    dockerfile_instructions,
+    env_pairs,
+    gpu_limits,
+    pod_problems,
+    settings_of,
+    shutdown_problems,
+)
 from .test_dockerfile import DOCKERFILE, settings_env_names
 from .tools import KUBERNETES_VERSION, ROOT, binary, documents, kind, kustomize, node_checker, run
 
@@ -79,7 +87,7 @@ def test_custom_resources_validate_against_their_schemas(rendered):
     proc = run([*node_checker(), *map(str, rendered.values())])
     assert proc.returncode == 0, proc.stdout
     expected = sum(1 for name in rendered for d in docs_of(rendered, name) if d["kind"] in CUSTOM_KINDS)
-    assert len(re.findall(r"^ok ", proc.stdout, re.M)) == expected >= 4, proc.stdout
+    assert len(re.findall(r"^ok ", proc.stdout, re.MULTILINE)) == expected >= 4, proc.stdout
 
 
 # --- ... and reject broken files --------------------------------------------------------------
@@ -186,7 +194,9 @@ def test_gpu_overlay_schedules_on_gpu_nodes(rendered):
     assert deploy["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
 
 
-@pytest.mark.parametrize("overlay, autoscaler", [("gpu", None), ("cpu", None), ("keda", "ScaledObject"), ("hpa", "HorizontalPodAutoscaler")])
+@pytest.mark.parametrize(
+    "overlay, autoscaler", [("gpu", None), ("cpu", None), ("keda", "ScaledObject"), ("hpa", "HorizontalPodAutoscaler")]
+)
 def test_one_autoscaler_per_deployment(rendered, overlay, autoscaler):
     docs = docs_of(rendered, overlay)
     assert autoscaler_problems(docs) == []
@@ -307,7 +317,10 @@ def test_configmap_settings_are_accepted_by_the_service(rendered, overlay):
     assert settings["MPRNET_DEVICE"] == ("cpu" if overlay == "cpu" else "cuda")
 
 
-@pytest.mark.parametrize("key, value, expect", [("MPRNET_PRECISON", "fp16", "not a setting"), ("MPRNET_DEVICE", "gpu", "cuda"), ("MPRNET_TASKS", "deblur,dehaze", "dehaze")])
+@pytest.mark.parametrize(
+    "key, value, expect",
+    [("MPRNET_PRECISON", "fp16", "not a setting"), ("MPRNET_DEVICE", "gpu", "cuda"), ("MPRNET_TASKS", "deblur,dehaze", "dehaze")],
+)
 def test_settings_check_catches_a_bad_configmap(rendered, key, value, expect):
     settings = {**settings_of(docs_of(rendered, "gpu")), key: value}
     problems = settings_problems(settings)

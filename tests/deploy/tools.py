@@ -58,9 +58,13 @@ def node_checker() -> list[str]:
     return [node, str(TOOLS_DIR / "validate-crds.mjs")]
 
 
-def run(cmd: list[str], *, cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], *, cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
     """Run a tool; stdout and stderr together in .stdout (the tests show it on failure)."""
-    return subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False
+    )
 
 
 def clean_env(**extra: str) -> dict[str, str]:
