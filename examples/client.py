@@ -22,7 +22,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
@@ -48,6 +48,7 @@ class Options:
     retries: int = 5  # extra attempts per image after the first
     max_wait: float = 60.0  # the longest single wait between attempts, in seconds
     timeout: float = 300.0  # per request: a large image on a CPU server takes a while
+    deadline: float | None = None  # X-Request-Timeout: the server answers 504 if compute cannot start by then
 
 
 @dataclass
@@ -155,6 +156,8 @@ async def restore_folder(files: list[tuple[Path, Path]], out_dir: Path, opts: Op
     pending = iter(files)  # shared by the workers: each takes the next file when it is free
     stop: list[str] = []  # set by the first fatal error (bad token, unknown task)
     headers = {"Authorization": f"Bearer {opts.token}"} if opts.token else {}
+    if opts.deadline is not None:
+        headers["X-Request-Timeout"] = f"{opts.deadline:g}"
     limits = httpx.Limits(max_connections=opts.concurrency, max_keepalive_connections=opts.concurrency)
     base_url = opts.url.rstrip("/") + "/"
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=opts.timeout, limits=limits) as client:
@@ -193,7 +196,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("-o", "--output", required=True, help="output folder: the same relative paths and names")
     p.add_argument("--task", choices=TASKS, default="denoise")
-    p.add_argument("--url", default=os.environ.get("MPRNET_URL", "http://127.0.0.1:8000"), help="service base URL (env MPRNET_URL)")
+    p.add_argument(
+        "--url", default=os.environ.get("MPRNET_URL", "http://127.0.0.1:8000"), help="service base URL (env MPRNET_URL)"
+    )
     p.add_argument("--format", choices=("png", "jpeg", "webp"), help="result format (default: the input's, or PNG)")
     p.add_argument("--quality", type=int, help="JPEG/WebP quality, 1-100")
     p.add_argument("--token", default=os.environ.get("MPRNET_API_TOKEN"), help="bearer token (env MPRNET_API_TOKEN)")
@@ -201,10 +206,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--retries", type=int, default=5, help="extra attempts per image on 429/503/network errors (default 5)")
     p.add_argument("--max-wait", type=float, default=60.0, help="longest wait between attempts, seconds (default 60)")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds (default 300)")
+    p.add_argument(
+        "--deadline", type=float, help="seconds the server may queue an image before giving up with 504 (X-Request-Timeout)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
     args = p.parse_args(argv)
-    if args.concurrency < 1 or args.retries < 0 or args.max_wait < 0:
-        p.error("--concurrency must be >= 1, --retries and --max-wait >= 0")
+    if args.concurrency < 1 or args.retries < 0 or args.max_wait < 0 or (args.deadline is not None and args.deadline <= 0):
+        p.error("--concurrency must be >= 1, --retries and --max-wait >= 0, --deadline > 0")
     if args.quality is not None and not 1 <= args.quality <= 100:
         p.error("--quality must be between 1 and 100")
     return args
@@ -217,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not files:
         print(f"client: no images found in {' '.join(args.inputs)} ({', '.join(sorted(IMAGE_SUFFIXES))})", file=sys.stderr)
         return 2
-    opts = Options(args.url, args.task, args.format, args.quality, args.token, args.concurrency, args.retries, args.max_wait, args.timeout)
+    opts = Options(**{f.name: getattr(args, f.name) for f in fields(Options)})  # the flags are named like the fields
     started = time.monotonic()
     outcomes = asyncio.run(restore_folder(files, out_dir, opts, progress=not args.no_progress))
     print(summarize(outcomes, out_dir, time.monotonic() - started), file=sys.stderr)

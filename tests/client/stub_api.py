@@ -47,6 +47,7 @@ class StubState:
     script: deque[Scripted] = field(default_factory=deque)  # answered first, in order, one per request
     arrivals: list[float] = field(default_factory=list)  # time.monotonic() of each POST
     tokens: list[str | None] = field(default_factory=list)  # Authorization header of each POST
+    deadlines: list[str | None] = field(default_factory=list)  # X-Request-Timeout header of each POST
     in_flight: int = 0
     max_in_flight: int = 0
     # Hold each request until this many are in flight at once (or hold_timeout passes): proves
@@ -75,6 +76,7 @@ def create_stub_app(state: StubState | None = None) -> FastAPI:
         s: StubState = app.state.stub
         s.arrivals.append(time.monotonic())
         s.tokens.append(request.headers.get("Authorization"))
+        s.deadlines.append(request.headers.get("X-Request-Timeout"))
         s.in_flight += 1
         s.max_in_flight = max(s.max_in_flight, s.in_flight)
         try:

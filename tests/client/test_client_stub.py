@@ -34,7 +34,7 @@ def test_restores_a_folder_keeping_relative_names(client_module, stub, tmp_path,
     b = make_image(src / "nested" / "b.png", (16, 9), seed=2)
     (src / "notes.txt").write_text("not an image, and not picked up")
 
-    rc = run(client_module, str(src), "-o", str(out), "--url", url, "--task", "denoise")
+    rc = run(client_module, str(src), "-o", str(out), "--url", url, "--task", "denoise", "--token", "t0k", "--deadline", "2.5")
 
     assert rc == 0, capsys.readouterr().err
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == ["a.png", "nested/b.png"]
@@ -42,7 +42,8 @@ def test_restores_a_folder_keeping_relative_names(client_module, stub, tmp_path,
         with Image.open(out / name) as restored:
             assert restored.size == original.size
             assert np.array_equal(np.asarray(restored), np.asarray(ImageOps.invert(original)))
-    assert len(state.arrivals) == 2
+    assert state.tokens == ["Bearer t0k"] * 2
+    assert state.deadlines == ["2.5"] * 2
     assert "restored 2 of 2 images" in capsys.readouterr().err
 
 
@@ -56,10 +57,12 @@ def test_changing_the_format_changes_only_the_suffix(client_module, stub, tmp_pa
 
 def test_retries_429_and_503_waiting_out_retry_after(client_module, stub, tmp_path, capsys):
     url, state = stub
-    state.script.extend([
-        Scripted(429, "busy", "The server is busy.", {"Retry-After": "1"}),
-        Scripted(503, "draining", "The server is shutting down.", {"Retry-After": formatdate(time.time() + 4, usegmt=True)}),
-    ])
+    state.script.extend(
+        [
+            Scripted(429, "busy", "The server is busy.", {"Retry-After": "1"}),
+            Scripted(503, "draining", "The server is shutting down.", {"Retry-After": formatdate(time.time() + 4, usegmt=True)}),
+        ]
+    )
     make_image(tmp_path / "in" / "x.png", (8, 8))
 
     rc = run(client_module, str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--url", url, "--retries", "3")
@@ -139,8 +142,18 @@ def test_no_images_is_a_usage_error(client_module, tmp_path, capsys):
 def test_an_unreachable_server_fails_after_bounded_retries(client_module, tmp_path, capsys):
     make_image(tmp_path / "in" / "x.png", (8, 8))
     # Port 9 (discard) on 127.0.0.1: nothing listens, the connection is refused at once.
-    rc = run(client_module, str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--url", "http://127.0.0.1:9",
-             "--retries", "1", "--max-wait", "0.1")
+    rc = run(
+        client_module,
+        str(tmp_path / "in"),
+        "-o",
+        str(tmp_path / "out"),
+        "--url",
+        "http://127.0.0.1:9",
+        "--retries",
+        "1",
+        "--max-wait",
+        "0.1",
+    )
     assert rc == 1
     assert "network error: ConnectError" in capsys.readouterr().err
 

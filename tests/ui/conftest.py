@@ -15,8 +15,14 @@ import pytest
 
 CHROMIUM = os.environ.get("MPRNET_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
@@ -25,8 +31,11 @@ CHROMIUM_ARGS = [
 @pytest.fixture(scope="package")
 def browser() -> Iterator:
     if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
-        pytest.fail(f"Chromium not found at {CHROMIUM}: run scripts/setup-dev.sh (it installs Debian's chromium), "
-                    "or point MPRNET_CHROMIUM at a Chromium executable", pytrace=False)
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM}: run scripts/setup-dev.sh (it installs Debian's chromium), "
+            "or point MPRNET_CHROMIUM at a Chromium executable",
+            pytrace=False,
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:

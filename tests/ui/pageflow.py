@@ -48,5 +48,6 @@ def result_size(page) -> tuple[int, int]:
 def timing_steps(page) -> dict[str, float]:
     """The Server-Timing breakdown as the page shows it: step name -> ms."""
     rows = page.locator("#timings tbody tr[data-step]")
-    return {rows.nth(i).get_attribute("data-step"): float(rows.nth(i).locator("td.num").inner_text())
-            for i in range(rows.count())}
+    return {
+        rows.nth(i).get_attribute("data-step"): float(rows.nth(i).locator("td.num").inner_text()) for i in range(rows.count())
+    }

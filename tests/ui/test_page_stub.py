@@ -85,7 +85,9 @@ def test_drop_a_file_on_the_zone(page_and_watch, stub, tmp_path):
     transfer = page.evaluate_handle(
         """b64 => { const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
                     const dt = new DataTransfer(); dt.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));
-                    return dt; }""", data)
+                    return dt; }""",
+        data,
+    )
     page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
     assert "dropped.png" in page.locator("#file-info").inner_text()
     page.get_by_role("button", name="Restore").click()
@@ -97,18 +99,24 @@ def test_drop_a_file_on_the_zone(page_and_watch, stub, tmp_path):
 @pytest.mark.parametrize(
     ("answer", "expected"),
     [
-        (Scripted(429, "busy", "All workers are busy.", {"Retry-After": "7"}),
-         ["The server is busy", "Try again in 7 seconds.", "All workers are busy."]),
-        (Scripted(503, "not_ready", "The model is still loading.", {"Retry-After": "1"}),
-         ["The service is not ready", "Try again in 1 second.", "The model is still loading."]),
-        (Scripted(413, "too_many_pixels", "The image has 80 megapixels; the limit is 40."),
-         ["This image is too large", "The image has 80 megapixels; the limit is 40."]),
-        (Scripted(415, "unsupported_media_type", "HEIC images are not supported."),
-         ["This file type is not supported", "HEIC images are not supported."]),
-        (Scripted(504, "deadline_exceeded", "The request ran past its deadline."),
-         ["could not finish this image in time"]),
-        (Scripted(401, "unauthorized", "Missing or wrong bearer token."),
-         ["needs a valid API token"]),
+        (
+            Scripted(429, "busy", "All workers are busy.", {"Retry-After": "7"}),
+            ["The server is busy", "Try again in 7 seconds.", "All workers are busy."],
+        ),
+        (
+            Scripted(503, "not_ready", "The model is still loading.", {"Retry-After": "1"}),
+            ["The service is not ready", "Try again in 1 second.", "The model is still loading."],
+        ),
+        (
+            Scripted(413, "too_many_pixels", "The image has 80 megapixels; the limit is 40."),
+            ["This image is too large", "The image has 80 megapixels; the limit is 40."],
+        ),
+        (
+            Scripted(415, "unsupported_media_type", "HEIC images are not supported."),
+            ["This file type is not supported", "HEIC images are not supported."],
+        ),
+        (Scripted(504, "deadline_exceeded", "The request ran past its deadline."), ["could not finish this image in time"]),
+        (Scripted(401, "unauthorized", "Missing or wrong bearer token."), ["needs a valid API token"]),
     ],
     ids=["429", "503", "413", "415", "504", "401"],
 )
