@@ -28,9 +28,10 @@ def _smooth(x: Tensor) -> Tensor:
 
 def laplacian(x: Tensor) -> Tensor:
     """One Laplacian-pyramid level: x minus its blurred, 2x decimated and re-expanded copy."""
-    low = _smooth(x)[:, :, ::2, ::2]
-    up = torch.zeros_like(x)
-    up[:, :, ::2, ::2] = low * 4.0  # zero insertion keeps 1/4 of the samples: scale back the energy
+    low = _smooth(x)[:, :, ::2, ::2]  # (B, C, ceil(H/2), ceil(W/2))
+    # Expand by repetition then smooth: unlike zero insertion, this keeps flat regions exactly
+    # flat up to the borders, so only real edges give a response.
+    up = F.interpolate(low, size=x.shape[-2:], mode="nearest")
     return x - _smooth(up)
 
 

@@ -106,6 +106,19 @@ def export(model: MPRNet, path: Path, args, step: int, best: float, elapsed: flo
     save_safetensors(model, path, dtype=torch.float16, metadata=meta)
 
 
+def train_step(model: MPRNet, opt: torch.optim.Optimizer, low: torch.Tensor, high: torch.Tensor, autocast, clip: float = 0.0) -> float:
+    """One optimisation step on a (B, 3, P, P) batch; returns the loss (the paper's, fp32)."""
+    with autocast:
+        outputs = model(low)
+    loss = mprnet_loss(outputs, high)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return loss.item()
+
+
 def train(args: argparse.Namespace) -> dict:
     """Run (or resume) training; returns {"step", "best_psnr", "elapsed_s"}."""
     from tqdm import tqdm
@@ -148,17 +161,9 @@ def train(args: argparse.Namespace) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(progress, step, args)
         low, high = batch(source, args.batch, rng)
-        low, high = low.to(device, non_blocking=True), high.to(device, non_blocking=True)
-        with autocast:
-            outputs = model(low)
-        loss = mprnet_loss(outputs, high)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
+        loss = train_step(model, opt, low.to(device, non_blocking=True), high.to(device, non_blocking=True), autocast, args.clip)
         step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        ema = loss if ema is None else 0.98 * ema + 0.02 * loss
         bar.update(1)
         if step % args.val_every == 0 or step == args.steps:
             val_psnr = validate(model, val, device)

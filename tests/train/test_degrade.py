@@ -1,0 +1,107 @@
+"""The synthetic degradations match their published spec (model/degrade.py docstring)."""
+
+import numpy as np
+import pytest
+
+from model import degrade as D
+
+
+def flat(value=0.5, size=128):
+    return np.full((size, size, 3), value, np.float32)
+
+
+def test_noise_statistics():
+    rng = np.random.default_rng(0)
+    noisy = D.add_noise(flat(), 25.0, rng)
+    diff = (noisy - 0.5) * 255.0
+    assert abs(diff.mean()) < 0.5
+    assert diff.std() == pytest.approx(25.0, rel=0.03)
+    # independent per channel: channels are uncorrelated
+    assert abs(np.corrcoef(diff[..., 0].ravel(), diff[..., 1].ravel())[0, 1]) < 0.05
+
+
+def test_random_noise_sigma_range():
+    rng = np.random.default_rng(1)
+    sigmas = [((D.random_noise(flat(size=64), rng) - 0.5) * 255).std() for _ in range(200)]
+    assert 4.0 < min(sigmas) < 8.0 and 45.0 < max(sigmas) < 53.0
+
+
+def test_noise_is_seeded_and_clipped():
+    a = D.random_noise(flat(0.98), np.random.default_rng(3))
+    b = D.random_noise(flat(0.98), np.random.default_rng(3))
+    assert np.array_equal(a, b) and a.dtype == np.float32
+    assert a.min() >= 0.0 and a.max() <= 1.0
+
+
+def test_blur_kernels_sum_to_one_fit_and_are_centred():
+    rng = np.random.default_rng(2)
+    for _ in range(100):
+        k = D.random_blur_kernel(rng)
+        assert k.shape == (25, 25) and k.min() >= 0.0
+        assert k.sum() == pytest.approx(1.0, abs=1e-5)
+        ys, xs = np.nonzero(k > 1e-6)
+        assert ys.max() - ys.min() <= 25 and xs.max() - xs.min() <= 25
+        cy, cx = (k * np.arange(25)[:, None]).sum(), (k * np.arange(25)[None, :]).sum()
+        assert abs(cy - 12) < 1.0 and abs(cx - 12) < 1.0  # blurring does not shift the image
+
+
+def test_linear_motion_kernel_length_and_angle():
+    k = D.linear_motion_kernel(21.0, 0.0)  # horizontal: one row (two with bilinear weights)
+    cols = np.nonzero(k.sum(axis=0) > 1e-6)[0]
+    assert 20 <= cols.max() - cols.min() <= 22
+    assert np.count_nonzero(k.sum(axis=1) > 1e-6) <= 2
+    v = D.linear_motion_kernel(15.0, 90.0)
+    assert np.count_nonzero(v.sum(axis=0) > 1e-6) <= 2
+
+
+def test_shake_kernel_extent():
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        k = D.shake_kernel(rng, 21.0)
+        ys, xs = np.nonzero(k > 1e-6)
+        assert max(np.ptp(ys), np.ptp(xs)) <= 23  # 21 px path plus the bilinear footprint
+
+
+def test_blur_preserves_mean_and_size():
+    img = np.random.default_rng(0).random((64, 80, 3), dtype=np.float32)
+    k = D.random_blur_kernel(np.random.default_rng(9))
+    out = D.blur(img, k)
+    assert out.shape == img.shape and abs(out.mean() - img.mean()) < 0.01
+    assert D.blur(img, k, valid=True).shape == (40, 56, 3)
+    assert D.degrade("deblur", img, np.random.default_rng(0), valid=True).shape == (40, 56, 3)
+
+
+def test_rain_streak_angles_and_lengths_in_range():
+    rng = np.random.default_rng(4)
+    for _ in range(50):
+        layer, angles = D.rain_layer((96, 96), rng, return_angles=True)
+        assert np.all(np.abs(angles) <= D.RAIN_MAX_ANGLE)
+        assert layer.min() >= 0.0 and layer.max() <= 1.0
+
+
+def test_rain_streaks_orientation():
+    # A dense layer's structure tensor points along the streaks: within 30 degrees of vertical.
+    rng = np.random.default_rng(7)
+    for _ in range(10):
+        layer, angles = D.rain_layer((128, 128), rng, return_angles=True)
+        gy, gx = np.gradient(layer)
+        jxx, jyy, jxy = (gx * gx).sum(), (gy * gy).sum(), (gx * gy).sum()
+        # Dominant gradient angle from the x axis = streak angle from the y axis (they are perpendicular).
+        streak_from_vertical = 0.5 * np.degrees(np.arctan2(2 * jxy, jxx - jyy))
+        assert abs(streak_from_vertical) <= 32.0
+        assert abs(abs(streak_from_vertical) - abs(np.median(angles))) < 8.0
+
+
+def test_screen_blend_only_brightens():
+    img = np.random.default_rng(0).random((64, 64, 3), dtype=np.float32)
+    rainy = D.random_rain(img, np.random.default_rng(1))
+    assert np.all(rainy >= img - 1e-6) and rainy.max() <= 1.0
+    assert (rainy - img).max() > 0.2  # streaks are visible (intensity 0.5-1.0 before softening)
+
+
+def test_benchmark_degrade_is_deterministic():
+    img = np.random.default_rng(0).random((48, 48, 3), dtype=np.float32)
+    for task in ("denoise", "deblur", "derain"):
+        assert np.array_equal(D.benchmark_degrade(task, img, 3), D.benchmark_degrade(task, img, 3))
+    with pytest.raises(ValueError):
+        D.degrade("dehaze", img, np.random.default_rng(0))

@@ -1,0 +1,69 @@
+"""Evaluation: metrics, the identity model scores exactly the input, the CLI writes its reports."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from model.arch import MPRNet
+from model.checkpoint import save_safetensors
+from model.cli import main
+from model.evaluate import baseline, estimate_noise, evaluate, load_set, markdown, model_restorer, quantize, scores, to_y
+from model.variants import TINY
+
+
+class Identity(nn.Module):
+    def forward(self, x):
+        return [x, x, x]
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero")
+def test_scores_of_known_noise():
+    ref = np.full((64, 64, 3), 0.5, np.float32)
+    out = ref + np.float32(10 / 255)  # a constant error of 10 levels: MSE 100
+    s = scores(out, ref)
+    assert s["psnr"] == pytest.approx(10 * np.log10(255**2 / 100), abs=1e-3)
+    assert scores(ref, ref)["ssim"] == pytest.approx(1.0)
+    assert to_y(np.ones((1, 1, 3)))[0, 0] == pytest.approx(235.0)
+    assert to_y(np.zeros((1, 1, 3)))[0, 0] == pytest.approx(16.0)
+
+
+def test_estimate_noise():
+    rng = np.random.default_rng(0)
+    flat = np.full((128, 128, 3), 0.5, np.float32)
+    assert estimate_noise(flat + rng.normal(0, 0.05, flat.shape).astype(np.float32)) == pytest.approx(0.05, rel=0.05)
+
+
+def test_identity_model_scores_the_input():
+    items = load_set("denoise", crop=64)
+    assert len(items) == 3  # the held-out photos
+    result = evaluate("denoise", model_restorer(Identity()), items, with_baseline=False)
+    for row in result["images"]:
+        assert row["model"] == pytest.approx(row["input"])
+    assert result["mean"]["input"]["psnr"] == pytest.approx(20.4, abs=0.6)  # sigma 25 on 8 bits
+    assert "| **mean** |" in markdown(result)
+
+
+@pytest.mark.parametrize("task", ["denoise", "deblur", "derain"])
+def test_baselines_run_and_keep_shape(task):
+    _, low, _ = load_set(task, crop=48)[0]
+    out = baseline(task)(low)
+    assert out.shape == low.shape and np.isfinite(out).all()
+
+
+def test_inputs_are_on_the_8_bit_grid():
+    _, low, _ = load_set("derain", crop=32)[0]
+    assert np.array_equal(low, quantize(low))
+
+
+def test_cli_writes_json_and_markdown(tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.safetensors"
+    save_safetensors(MPRNet(**TINY), weights, dtype=torch.float16)
+    assert main(["evaluate", "--task", "derain", "--weights", str(weights), "--crop", "48",
+                 "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert set(result["mean"]) == {"input", "baseline", "model"} and len(result["images"]) == 3
+    assert "MPRNet RGB" in (tmp_path / "r.md").read_text()

@@ -1,0 +1,99 @@
+"""Training: the loss goes down on a tiny model, checkpoints resume, the fp16 export loads."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model.arch import MPRNet
+from model.checkpoint import load_mprnet
+from model.cli import build_parser
+from model.data import SyntheticPatches, augment, batch, find_pairs, load_photos
+from model.losses import charbonnier, edge_loss, laplacian, mprnet_loss
+from model.train import lr_at, train, train_step
+from model.variants import TINY
+
+TINY_ARGS = ["--n-feat", "8", "--scale-unet", "4", "--scale-ors", "4", "--num-cab", "1", "--batch", "2", "--patch", "32", "--val-crop", "48", "--quiet", "--threads", "1"]
+
+
+def parse(*argv):
+    return build_parser().parse_args(["train", *argv, *TINY_ARGS])
+
+
+def test_loss_is_zero_for_perfect_outputs_and_sums_stages():
+    y = torch.rand(2, 3, 32, 32)
+    assert mprnet_loss([y, y, y], y).item() == pytest.approx(3 * 1.05e-3, rel=1e-3)  # eps floor only
+    x = y + 0.1
+    one = charbonnier(x, y) + 0.05 * edge_loss(x, y)
+    assert mprnet_loss([x, x, x], y).item() == pytest.approx(3 * one.item(), rel=1e-5)
+    assert laplacian(torch.full((1, 3, 16, 16), 0.7)).abs().max() < 1e-5  # flat images have no edges
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    args = parse("--task", "denoise", "--out", "unused", "--warmup", "10")
+    assert lr_at(0.0, 0, args) == pytest.approx(2e-5)
+    assert lr_at(0.0, 10, args) == pytest.approx(2e-4)
+    assert lr_at(0.5, 500, args) == pytest.approx((2e-4 + 1e-6) / 2)
+    assert lr_at(1.0, 1000, args) == pytest.approx(1e-6)
+
+
+def test_a_few_steps_lower_the_loss():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    source = SyntheticPatches(load_photos(["astronaut.png"]), "denoise", 32)
+    low, high = batch(source, 4, rng)
+    model = MPRNet(**TINY)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    nothing = torch.autocast("cpu", enabled=False)
+    losses = [train_step(model, opt, low, high, nothing) for _ in range(25)]
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_augment_applies_the_same_transform_to_pairs():
+    a = np.arange(2 * 3 * 1, dtype=np.float32).reshape(2, 3, 1)
+    for seed in range(8):
+        x, y = augment([a, a.copy()], np.random.default_rng(seed))
+        assert np.array_equal(x, y)
+
+
+def test_train_resumes_step_and_optimizer(tmp_path):
+    out = tmp_path / "run"
+    r1 = train(parse("--task", "derain", "--out", str(out), "--steps", "4", "--val-every", "2"))
+    assert r1["step"] == 4 and math.isfinite(r1["best_psnr"])
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["step"] == 4
+    assert all(int(s["step"]) == 4 for s in state["optimizer"]["state"].values())
+    r2 = train(parse("--task", "derain", "--out", str(out), "--steps", "6", "--val-every", "2", "--resume"))
+    assert r2["step"] == 6
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert all(int(s["step"]) == 6 for s in state["optimizer"]["state"].values())
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [2, 4, 6]
+    model = load_mprnet(out / "best.safetensors")  # fp16 export, widths read back from shapes
+    assert model.shallow_feat1[0].weight.shape[0] == 8
+
+
+def test_resume_refuses_other_widths(tmp_path):
+    out = tmp_path / "run"
+    train(parse("--task", "denoise", "--out", str(out), "--steps", "2", "--val-every", "2"))
+    args = build_parser().parse_args(["train", "--task", "denoise", "--out", str(out), "--steps", "4", "--resume", "--quiet", "--n-feat", "12", "--scale-unet", "4", "--scale-ors", "4", "--num-cab", "1", "--patch", "32", "--batch", "2", "--val-crop", "48"])
+    with pytest.raises(SystemExit, match="widths"):
+        train(args)
+
+
+def test_find_pairs_layouts(tmp_path):
+    from PIL import Image
+
+    img = Image.new("RGB", (8, 8))
+    for d in ("gopro/scene1/blur", "gopro/scene1/sharp", "rain/input", "rain/target", "sidd/0001"):
+        (tmp_path / d).mkdir(parents=True)
+    for d in ("gopro/scene1/blur", "gopro/scene1/sharp", "rain/input", "rain/target"):
+        img.save(tmp_path / d / "a.png")
+    img.save(tmp_path / "rain/input/orphan.png")
+    img.save(tmp_path / "sidd/0001/NOISY_SRGB_010.PNG")
+    img.save(tmp_path / "sidd/0001/GT_SRGB_010.PNG")
+    pairs = find_pairs(tmp_path)
+    names = sorted(f"{a.parent.name}/{a.name}->{b.parent.name}/{b.name}" for a, b in pairs)
+    assert names == ["0001/NOISY_SRGB_010.PNG->0001/GT_SRGB_010.PNG", "blur/a.png->sharp/a.png", "input/a.png->target/a.png"]
