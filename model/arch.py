@@ -167,7 +167,9 @@ class ORB(nn.Module):
     def __init__(self, channels: int, kernel_size: int, reduction: int, bias: bool, act: nn.Module, num_cab: int) -> None:
         super().__init__()
         cabs = [CAB(channels, kernel_size, reduction, bias, act) for _ in range(num_cab)]
-        self.body = nn.Sequential(*cabs, conv(channels, channels, kernel_size, bias))
+        # The release's ORB ends in a conv without bias even when `bias` is set: kept, so that
+        # checkpoints of bias=True configurations load too.
+        self.body = nn.Sequential(*cabs, conv(channels, channels, kernel_size, bias=False))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body(x) + x
