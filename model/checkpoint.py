@@ -86,20 +86,36 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return strip_prefixes(raw)
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    # torch.save writes a zip archive (PK\x03\x04); the legacy format and bare pickles start with
+    # the pickle PROTO opcode (0x80) and a protocol number 2..5.
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
 def _torch_load(path: Path) -> Any:
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(f"{path} is not a checkpoint: neither a PyTorch file (zip or pickle) nor safetensors")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, BadZipFile...
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, BadZipFile, KeyError...
         msg = str(e)
-        if "Weights only load failed" in msg or "weights_only" in msg:
+        first = msg.splitlines()[0] if msg else type(e).__name__
+        if "Weights only load failed" in msg:
+            # torch's own reason is the first line after its generic preamble that names the problem
+            lines = [ln.strip() for ln in msg.splitlines()[1:] if ln.strip()]
+            reason = next((ln for ln in lines if not ln.startswith(("Please file", "Check the documentation"))), first)
+            if reason.startswith(("Unsupported operand", "String is too long")):  # garbage, not a refused object
+                raise CheckpointError(f"{path} is truncated or corrupt: the pickle stream is malformed ({reason})") from None
             raise CheckpointError(
-                f"{path} contains Python objects beyond tensors; it was refused because loading it would "
-                "run arbitrary code (only weights_only=True loading is allowed). Re-save it as a plain "
+                f"{path} contains Python objects beyond tensors ({reason}); it was refused because loading it "
+                "could run arbitrary code (only weights_only=True loading is allowed). Re-save it as a plain "
                 "state dict or as safetensors."
             ) from None
-        if isinstance(e, (EOFError, zipfile.BadZipFile)) or "PytorchStreamReader" in msg or "zip archive" in msg:
-            raise CheckpointError(f"{path} is truncated or corrupt: {msg.splitlines()[0] if msg else type(e).__name__}") from None
-        raise CheckpointError(f"{path} is not a PyTorch or safetensors checkpoint: {msg.splitlines()[0] if msg else type(e).__name__}") from None
+        if isinstance(e, (EOFError, zipfile.BadZipFile)) or any(s in msg for s in ("PytorchStreamReader", "zip archive", "EOF", "corrupt")):
+            raise CheckpointError(f"{path} is truncated or corrupt: {first}") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from None
 
 
 def build_from_state_dict(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> MPRNet:
@@ -114,9 +130,11 @@ def build_from_state_dict(sd: Mapping[str, torch.Tensor], source: str = "state d
             f"{source} is not an MPRNet checkpoint (no {e.args[0]!r}); "
             f"missing keys include {missing}; unexpected keys include {unexpected}"
         ) from None
+    except (IndexError, ZeroDivisionError) as e:  # a tensor with too few dimensions, a zero width...
+        raise CheckpointError(f"{source}: tensor shapes do not describe an MPRNet ({type(e).__name__}: {e})") from None
     try:
         model = MPRNet(**config)
-    except ValueError as e:
+    except (ValueError, ZeroDivisionError) as e:  # e.g. a squeeze conv wider than its input: reduction 0
         raise CheckpointError(f"{source}: inconsistent MPRNet widths {config}: {e}") from None
     check_compatible(model, sd, source)
     model.load_state_dict(sd, strict=True)
