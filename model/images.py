@@ -2,8 +2,9 @@
 
 Accepted: numpy arrays H x W, H x W x 1, H x W x 3 or H x W x 4 of uint8 or uint16, and PIL images
 (L, LA, RGB, RGBA, P, CMYK, I;16 and friends). The result comes back as the same kind of object with
-the same size, channels and bit depth: grayscale is replicated to RGB for the network and averaged
-back; alpha is passed through untouched.
+the same size, channels and bit depth (and the same PIL mode; palette images get a new adaptive
+palette): grayscale is replicated to RGB for the network and averaged back; alpha is passed through
+untouched.
 """
 
 from __future__ import annotations
@@ -61,18 +62,22 @@ def to_tensor(image: np.ndarray | Image.Image) -> tuple[Tensor, ImageMeta]:
         raise ValueError(f"expected an H x W x {{1,2,3,4}} image, got shape {np.asarray(image).shape}")
     channels = arr.shape[2]
     alpha = arr[:, :, -1].copy() if channels in (2, 4) else None
-    color = arr[:, :, :3] if channels >= 3 else np.repeat(arr[:, :, :1], 3, axis=2)
-    x = torch.from_numpy(np.ascontiguousarray(color).astype(np.float32) / _MAX[arr.dtype]).permute(2, 0, 1)
-    return x.contiguous(), ImageMeta(arr.dtype, channels, squeeze, alpha, pil_mode)
+    color = arr[:, :, :3] if channels >= 3 else arr[:, :, :1]
+    # One float buffer, filled and scaled in place: large images need no float temporaries.
+    x = torch.empty((3, arr.shape[0], arr.shape[1]), dtype=torch.float32)
+    np.copyto(x.numpy(), color.transpose(2, 0, 1))  # (C, H, W) view; gray broadcasts to 3 channels
+    x.div_(_MAX[arr.dtype])
+    return x, ImageMeta(arr.dtype, channels, squeeze, alpha, pil_mode)
 
 
 def from_tensor(x: Tensor, meta: ImageMeta) -> np.ndarray | Image.Image:
     """(3, H, W) tensor in [0, 1] -> the caller's kind of image (same dtype, channels and mode)."""
     scale = _MAX[meta.dtype]
-    rgb = x.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
+    y = x.detach().to("cpu", torch.float32).clamp(0, 1)  # a new (3, H, W) buffer, never the caller's
     if meta.channels in (1, 2):
-        rgb = rgb.mean(axis=2, keepdims=True)
-    out = np.rint(rgb * scale).astype(meta.dtype)
+        y = y.mean(dim=0, keepdim=True)  # (1, H, W)
+    # scaled and rounded in place (round half to even, as np.rint), then one cast to the caller's dtype
+    out = y.mul_(scale).round_().permute(1, 2, 0).numpy().astype(meta.dtype, order="C")  # (H, W, C)
     if meta.alpha is not None:
         out = np.concatenate([out, meta.alpha[:, :, None]], axis=2)
     if meta.squeeze:
@@ -83,8 +88,14 @@ def from_tensor(x: Tensor, meta: ImageMeta) -> np.ndarray | Image.Image:
 
 
 def _array_to_pil(out: np.ndarray, mode: str) -> Image.Image:
-    # Pillow infers L / LA / RGB / RGBA / I;16 from the array's shape and dtype.
     if mode == "I":
         return Image.fromarray(out.astype(np.int32))
-    img = Image.fromarray(out)
-    return img.convert("1") if mode == "1" else img
+    img = Image.fromarray(out)  # Pillow infers L / LA / RGB / RGBA / I;16 from the shape and dtype
+    if mode == "1":
+        return img.convert("1", dither=Image.Dither.NONE)  # threshold: a bilevel image has no grey to dither
+    if mode in ("P", "PA"):
+        # the restoration has colours the old palette lacks: a new adaptive palette (alpha kept in it)
+        return img.quantize(256)
+    if mode in ("CMYK", "YCbCr", "HSV"):
+        return img.convert(mode)  # back from the RGB the network saw
+    return img  # L, LA, RGB, RGBA, I;16 (any byte order); modes Pillow cannot make from RGB stay RGB

@@ -25,7 +25,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unsupported device {device!r}: use auto, cpu or cuda[:N]") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but CUDA is not available")
     if dev.type not in ("cpu", "cuda"):
@@ -100,10 +103,10 @@ class Restorer:
         if h <= t.size and w <= t.size:
             return self.run_batch(pad_to_multiple(x).unsqueeze(0))[0, :, :h, :w]
         plan = plan_tiles(h, w, t.size, t.overlap)
-        tiles = extract_tiles(x, plan)  # (N, 3, tile_h, tile_w)
         out = TileAssembler(plan, channels=x.shape[0], device=x.device)
-        for start in range(0, len(tiles), t.batch):
-            for i, tile in enumerate(self.run_batch(tiles[start : start + t.batch]), start=start):
+        for start in range(0, len(plan), t.batch):
+            tiles = extract_tiles(x, plan, start, start + t.batch)  # (<= batch, 3, tile_h, tile_w)
+            for i, tile in enumerate(self.run_batch(tiles), start=start):
                 out.add(i, tile)
         return out.result()
 

@@ -137,10 +137,14 @@ def tile_window(plan: TilePlan, y: int, x: int) -> Tensor:
     return wy[:, None] * wx[None, :]
 
 
-def extract_tiles(image: Tensor, plan: TilePlan) -> Tensor:
-    """(C, H, W) -> (N, C, tile_h, tile_w), in the order of `plan.boxes`."""
+def extract_tiles(image: Tensor, plan: TilePlan, start: int = 0, stop: int | None = None) -> Tensor:
+    """(C, H, W) -> (N, C, tile_h, tile_w): tiles `start:stop` (default all) in the order of `plan.boxes`.
+
+    Taking one batch at a time keeps only that batch's tiles in memory besides the image (padding
+    copies the image only when it is smaller than a tile along some axis).
+    """
     padded = pad_to(image, plan.padded_h, plan.padded_w)
-    return torch.stack([padded[:, y : y + plan.tile_h, x : x + plan.tile_w] for y, x in plan.boxes])
+    return torch.stack([padded[:, y : y + plan.tile_h, x : x + plan.tile_w] for y, x in plan.boxes[start:stop]])
 
 
 class TileAssembler:

@@ -1,0 +1,265 @@
+"""`Restorer.restore`: any size, bit depth and mode in; the same out; padding and clamping as the release."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from model.images import from_tensor, to_tensor
+from model.inference import Restorer, TileSettings, resolve_device, resolve_precision
+from model.tiling import pad_to, pad_to_multiple
+
+RNG = np.random.default_rng(0)
+
+
+def _random(shape, dtype=np.uint8) -> np.ndarray:
+    return RNG.integers(0, np.iinfo(dtype).max + 1, shape, dtype=dtype)
+
+
+def _restorer(model: nn.Module, tile: int = 512) -> Restorer:
+    return Restorer(model, device="cpu", precision="fp32", tiles=TileSettings(tile, 16, 4))
+
+
+class Invert(nn.Module):
+    """Changes every colour value (so alpha passing through untouched means something)."""
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [1 - x]
+
+
+class Wild(nn.Module):
+    """Returns values far outside [0, 1]."""
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [x * 4 - 2]
+
+
+# ---------------------------------------------------------------- arrays
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("shape", [(13, 21), (13, 21, 1), (13, 21, 2), (13, 21, 3), (13, 21, 4)], ids=["HxW", "gray", "LA", "RGB", "RGBA"])
+def test_arrays_round_trip_exactly(identity, dtype, shape):
+    image = _random(shape, dtype)
+    out = _restorer(identity).restore(image)
+    assert isinstance(out, np.ndarray) and out.dtype == dtype and out.shape == shape
+    assert np.array_equal(out, image)
+    assert identity.calls == [(1, 3, 16, 24)]  # RGB, padded to multiples of 8
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("channels", [2, 4])
+def test_alpha_passes_through_bit_exactly(dtype, channels):
+    image = _random((11, 9, channels), dtype)
+    out = _restorer(Invert()).restore(image)
+    assert np.array_equal(out[..., -1], image[..., -1])
+    top = np.iinfo(dtype).max
+    assert np.array_equal(out[..., :-1], top - image[..., :-1])  # the colour went through the model
+
+
+def test_gray_is_replicated_to_rgb_and_averaged_back():
+    seen: list[Tensor] = []
+
+    class SwapAndRecord(nn.Module):
+        def forward(self, x: Tensor) -> list[Tensor]:
+            seen.append(x.clone())
+            # R gets 1, G keeps, B gets 0: the mean of (1, v, 0) is (1 + v) / 3
+            return [torch.cat([torch.ones_like(x[:, :1]), x[:, 1:2], torch.zeros_like(x[:, :1])], dim=1)]
+
+    gray = _random((8, 8))
+    out = _restorer(SwapAndRecord()).restore(gray)
+    x = seen[0]
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])  # gray replicated
+    assert np.array_equal(out, np.rint((255 + gray.astype(np.float64)) / 3).astype(np.uint8))
+
+
+def test_output_is_clamped():
+    image = _random((8, 16, 3))
+    out = _restorer(Wild()).restore(image)
+    assert set(np.unique(out)) <= set(range(256))
+    expected = np.clip(np.rint((image / 255.0 * 4 - 2) * 255), 0, 255)
+    assert np.array_equal(out, expected.astype(np.uint8))
+
+
+@pytest.mark.parametrize("bad, error", [
+    (np.zeros((4, 4, 3), np.float32), TypeError),
+    (np.zeros((4, 4, 3), np.int16), TypeError),
+    (np.zeros((4, 4, 5), np.uint8), ValueError),
+    (np.zeros((0, 4, 3), np.uint8), ValueError),
+    (np.zeros((2, 4, 4, 3), np.uint8), ValueError),
+])
+def test_unsupported_arrays_are_refused(identity, bad, error):
+    with pytest.raises(error):
+        _restorer(identity).restore(bad)
+
+
+# ---------------------------------------------------------------- PIL images
+
+
+def _pil(mode: str, photo: np.ndarray) -> Image.Image:
+    rgb = Image.fromarray(photo[:21, :34])
+    if mode == "I;16":
+        return Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257 + 3))
+    if mode == "P":
+        return rgb.quantize(64)
+    if mode == "P-transparent":
+        img = rgb.quantize(64)
+        img.info["transparency"] = 5
+        return img
+    if mode == "RGBA" or mode == "LA":
+        base = np.asarray(rgb.convert(mode)).copy()
+        base[..., -1] = _random(base.shape[:2])
+        return Image.fromarray(base)
+    return rgb.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "I;16", "I", "P", "P-transparent", "CMYK", "1"])
+def test_pil_modes_come_back_in_the_same_mode_and_size(identity, photo, mode):
+    image = _pil(mode, photo)
+    out = _restorer(identity).restore(image)
+    assert isinstance(out, Image.Image)
+    assert out.size == image.size and out.mode == image.mode
+    if mode == "P-transparent":  # a new palette with alpha in it: alpha exact, colours within the quantizer's error
+        a, b = np.asarray(out.convert("RGBA")).astype(int), np.asarray(image.convert("RGBA")).astype(int)
+        assert (b[..., 3] == 0).any() and np.array_equal(a[..., 3], b[..., 3])
+        assert np.abs(a[..., :3] - b[..., :3]).mean() < 4
+    elif image.mode in ("P", "CMYK"):  # compared in the colours they stand for (<= 256 colours: exact)
+        assert np.array_equal(np.asarray(out.convert("RGBA")), np.asarray(image.convert("RGBA")))
+    else:
+        assert np.array_equal(np.asarray(out), np.asarray(image))
+
+
+def test_pil_alpha_is_untouched_by_the_model(photo):
+    image = _pil("RGBA", photo)
+    out = _restorer(Invert()).restore(image)
+    assert np.array_equal(np.asarray(out)[..., 3], np.asarray(image)[..., 3])
+    assert np.array_equal(np.asarray(out)[..., :3], 255 - np.asarray(image)[..., :3])
+
+
+def test_to_tensor_contract():
+    x, meta = to_tensor(_random((5, 7, 3), np.uint16))
+    assert x.shape == (3, 5, 7) and x.dtype == torch.float32 and x.is_contiguous()
+    assert 0 <= x.min() and x.max() <= 1
+    assert isinstance(from_tensor(x, meta), np.ndarray)
+
+
+# ---------------------------------------------------------------- sizes and padding
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 50), (50, 3), (7, 9), (4000, 8), (8, 8), (9, 8)])
+def test_any_size_restores(identity, size):
+    image = _random((*size, 3))
+    out = _restorer(identity, tile=4096).restore(image)  # whole image, no tiling
+    assert np.array_equal(out, image)
+    (shape,) = identity.calls
+    assert shape[2] % 8 == 0 and shape[3] % 8 == 0
+    assert shape[2] - size[0] < 8 and shape[3] - size[1] < 8  # padded to the next multiple only
+
+
+def test_pad_reflects_then_replicates():
+    row = torch.tensor([[[10.0, 20.0, 30.0]]])  # (1, 1, 3)
+    padded = pad_to(row, 1, 8)
+    # reflection reaches size-1 = 2 pixels (20, 10), then the edge pixel repeats
+    assert padded.tolist() == [[[10, 20, 30, 20, 10, 10, 10, 10]]]
+    col = row.transpose(1, 2)  # (1, 3, 1): height 3, width 1
+    assert pad_to(col, 8, 2)[0, :, 0].tolist() == [10, 20, 30, 20, 10, 10, 10, 10]
+    assert pad_to(col, 8, 2)[0, :, 1].tolist() == pad_to(col, 8, 2)[0, :, 0].tolist()  # 1 wide: replicate only
+    assert pad_to(torch.tensor([[[5.0]]]), 8, 8).unique().tolist() == [5.0]  # 1x1: replicate only
+    long = torch.arange(12.0).view(1, 1, 12)
+    assert pad_to_multiple(long)[0, 0, 12:].tolist() == [10, 9, 8, 7]  # pure reflection (no edge repeat)
+
+
+def test_pad_batch_and_integer_tensors():
+    x = torch.randint(0, 255, (2, 3, 5, 6), dtype=torch.uint8)
+    y = pad_to_multiple(x)
+    assert y.shape == (2, 3, 8, 8) and y.dtype == torch.uint8
+    assert torch.equal(y[..., :5, :6], x)
+    assert torch.equal(y[..., 5, :6], x[..., 3, :6])  # reflected row
+    with pytest.raises(ValueError):
+        pad_to(x, 4, 8)
+
+
+def test_restore_pads_the_model_input_by_reflection(photo):
+    seen: list[Tensor] = []
+
+    class Record(nn.Module):
+        def forward(self, x: Tensor) -> list[Tensor]:
+            seen.append(x.clone())
+            return [x]
+
+    image = photo[:3, :50]
+    _restorer(Record()).restore(image)
+    x = seen[0][0]  # (3, 8, 56)
+    rows = (x[0, :, 0] * 255).round().tolist()
+    col0 = image[:, 0, 0].tolist()
+    assert rows == col0 + [col0[1], col0[0]] + [col0[0]] * 3
+    cols = (x[0, 0, 48:] * 255).round().tolist()
+    assert cols == image[0, 48:50, 0].tolist() + image[0, 43:49, 0][::-1].tolist()
+
+
+# ---------------------------------------------------------------- the run_batch contract, device and precision
+
+
+def test_run_batch_contract(identity):
+    r = _restorer(identity)
+    x = torch.rand(3, 3, 16, 8)
+    y = r.run_batch(x)
+    assert y.shape == x.shape and y.dtype == torch.float32 and y.device == x.device
+    assert torch.equal(y, x)
+    y = _restorer(Wild()).run_batch(x)
+    assert y.min() >= 0 and y.max() <= 1
+
+
+def test_model_runs_in_eval_and_inference_mode():
+    states = []
+
+    class Check(nn.Module):
+        def forward(self, x: Tensor) -> list[Tensor]:
+            states.append((self.training, torch.is_inference_mode_enabled(), x.requires_grad))
+            return [x]
+
+    model = Check().train()
+    _restorer(model).restore(_random((4, 4, 3)))
+    assert states == [(False, True, False)]
+
+
+def test_bf16_on_cpu_is_close_to_fp32(tiny_checkpoint, photo):
+    from model.checkpoint import load_mprnet
+
+    image = photo[:16, :24]
+    fp32 = Restorer(load_mprnet(tiny_checkpoint), device="cpu", precision="fp32").restore(image)
+    bf16 = Restorer(load_mprnet(tiny_checkpoint), device="cpu", precision="bf16").restore(image)
+    assert np.abs(fp32.astype(int) - bf16.astype(int)).mean() < 4
+
+
+def test_device_and_precision_settings():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16", torch.device("cpu"))
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("int8", torch.device("cpu"))
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ValueError):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type == "cpu"
+        with pytest.raises(ValueError, match="CUDA"):
+            resolve_device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision, tol", [("fp32", 2 / 255), ("bf16", 6 / 255), ("fp16", 3 / 255)])
+def test_cuda_matches_cpu(tiny_checkpoint, photo, precision, tol):
+    from model.checkpoint import load_mprnet
+
+    x = torch.from_numpy(photo[:32, :48].astype(np.float32) / 255).permute(2, 0, 1).contiguous()
+    cpu = Restorer(load_mprnet(tiny_checkpoint), device="cpu", precision="fp32").restore_tensor(x)
+    cuda = Restorer(load_mprnet(tiny_checkpoint), device="cuda", precision=precision)
+    assert cuda.channels_last
+    out = cuda.restore_tensor(x.cuda())
+    assert out.device.type == "cuda"
+    assert (out.cpu() - cpu).abs().mean() < tol
