@@ -60,7 +60,8 @@ const seconds = (n) => `${n} second${n === 1 ? "" : "s"}`;
 
 /** A headline in plain words for each status the API documents; the server's detail goes below it. */
 function headline(status, retryAfter) {
-  const wait = retryAfter != null ? ` Try again in ${seconds(retryAfter)}.` : " Try again in a moment.";
+  // With Retry-After the countdown line below says when; without it, say "a moment".
+  const wait = retryAfter != null ? "" : " Try again in a moment.";
   switch (status) {
     case 400:
     case 422: return "The server could not read this file as an image.";
