@@ -1,18 +1,33 @@
-"""The metric names the Grafana dashboard and the autoscalers (KEDA trigger, prometheus-adapter rule
-behind the HPA) query exist in what the service exports: scraped from a running server, so a
-renamed metric breaks the build. Every query must also parse as PromQL."""
+"""The real server, started the way the image starts it (the `mprnet-serve` console script of its
+CMD, with the image's MPRNET_* environment):
+
+- the metric names the Grafana dashboard and the autoscalers (KEDA trigger, prometheus-adapter rule
+  behind the HPA) query exist in what it exports on /metrics, so a renamed metric breaks the build;
+  every query must also parse as PromQL;
+- the image's HEALTHCHECK command, run as written in the Dockerfile, passes against it;
+- SIGTERM, the image's STOPSIGNAL, drains it and it exits 0 within its grace period.
+
+The tests run in file order; the last one stops the server.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.live_server import live_server
+from tests.live_server import TEST_ENV, LiveServer, free_port, tiny_weights, wait_ready
 
-from .checks import adapter_metricsquery, dashboard_queries, exported_metrics, query_metrics
-from .tools import ROOT, documents, kind, kustomize
+from .checks import adapter_metricsquery, dashboard_queries, dockerfile_instructions, env_pairs, exported_metrics, query_metrics
+from .test_dockerfile import DOCKERFILE
+from .tools import ROOT, documents, kind, kustomize, run
 
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "mprnet.json"
 ADAPTER = ROOT / "k8s" / "overlays" / "hpa" / "prometheus-adapter-values.yaml"
@@ -35,11 +50,49 @@ DASHBOARD_MUST_USE = {
 }
 
 
+def image_environment() -> dict[str, str]:
+    env = {}
+    for word, rest in dockerfile_instructions(DOCKERFILE.read_text()):
+        if word == "ENV":
+            env.update(env_pairs(rest))
+    return env
+
+
+def image_command(word: str) -> list[str]:
+    """The exec-form array of the image's CMD, or of its HEALTHCHECK's CMD."""
+    (args,) = [rest for w, rest in dockerfile_instructions(DOCKERFILE.read_text()) if w == word][-1:]
+    return json.loads(args[args.index("CMD") + 3 :] if word == "HEALTHCHECK" else args)
+
+
 @pytest.fixture(scope="module")
-def exposition(tmp_path_factory) -> str:
-    """GET /metrics of the real server (`python -m service`, tiny weights, CPU)."""
-    with live_server(tmp_path_factory.mktemp("metrics-server"), ready_timeout=120) as server:
-        return server.metrics()
+def server(tmp_path_factory) -> LiveServer:
+    """The image's CMD with the image's MPRNET_* settings, except: loopback instead of 0.0.0.0, a
+    free port, tiny CPU weights instead of /weights, and the tests' small buckets (TEST_ENV)."""
+    tmp = tmp_path_factory.mktemp("image-cmd")
+    port = free_port()
+    image = {k: v for k, v in image_environment().items() if k.startswith("MPRNET_")}
+    env = {**os.environ, **image, **TEST_ENV, "MPRNET_HOST": "127.0.0.1", "MPRNET_PORT": str(port)}
+    env["MPRNET_WEIGHTS_DIR"] = str(tiny_weights(tmp / "weights"))
+    cmd = image_command("CMD")
+    console_script = Path(sys.executable).parent / cmd[0]  # on the image's PATH (/opt/venv/bin)
+    assert console_script.is_file(), f"{cmd[0]} is not installed in this venv: run scripts/setup-dev.sh"
+    log_path = tmp / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(console_script), *cmd[1:]], cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
+    live = LiveServer(f"http://127.0.0.1:{port}", port, proc, log_path)
+    try:
+        wait_ready(live, timeout=120)
+        yield live
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def exposition(server) -> str:
+    """GET /metrics of the running server."""
+    return server.metrics()
 
 
 def metric_types(exposition: str) -> dict[str, str]:
@@ -122,3 +175,34 @@ def test_counter_as_autoscaling_signal_is_caught(exposition):
     queries = [("KEDA trigger", 'sum(rate(mprnet_requests_total{namespace="mprnet"}[1m]))')]
     assert unknown_metrics(queries, exported_metrics(exposition)) == []
     assert counter_signals(queries, metric_types(exposition)) == ["KEDA trigger: mprnet_requests_total is not a gauge"]
+
+
+# --- the image's health check and stop signal ----------------------------------------------------
+
+
+def healthcheck(port: int):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MPRNET_")}
+    cmd = image_command("HEALTHCHECK")
+    assert cmd[0] == "python"
+    return run([sys.executable, *cmd[1:]], env={**env, "MPRNET_PORT": str(port)}, timeout=30)
+
+
+def test_image_healthcheck_passes(server):
+    proc = healthcheck(server.port)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_image_healthcheck_fails_when_nothing_answers(server):
+    proc = healthcheck(free_port())
+    assert proc.returncode != 0
+
+
+def test_sigterm_drains_and_exits_zero(server):
+    """Last test of the module: the stop signal the image declares ends the server cleanly."""
+    (stop,) = [rest for w, rest in dockerfile_instructions(DOCKERFILE.read_text()) if w == "STOPSIGNAL"]
+    grace = float(image_environment().get("MPRNET_GRACE_PERIOD_S", TEST_ENV["MPRNET_GRACE_PERIOD_S"]))
+    started = time.monotonic()
+    server.proc.send_signal(getattr(signal, stop))
+    code = server.proc.wait(grace + 15)
+    assert code == 0, server.log()
+    assert time.monotonic() - started < grace + 5
