@@ -176,6 +176,8 @@ def test_gpu_limit_everywhere_but_cpu(rendered):
     for overlay in ("gpu", "keda", "hpa", "gpu+components"):
         assert gpu_limits(docs_of(rendered, overlay)) == [1], overlay
     assert gpu_limits(docs_of(rendered, "cpu")) == [None]
+    (deploy,) = kind(docs_of(rendered, "cpu"), "Deployment")
+    assert deploy["spec"]["template"]["spec"]["containers"][0]["image"].endswith("-cpu"), "the CUDA image on a CPU node"
     assert "nvidia.com" not in rendered["cpu"].read_text()
     assert kind(docs_of(rendered, "cpu"), "ServiceMonitor") == [], "a laptop cluster has no prometheus-operator CRDs"
 
@@ -246,7 +248,7 @@ def healthcheck_start_period() -> float:
 
 def writable_paths() -> list[str]:
     env = image_env()
-    return ["/tmp", env["TORCHINDUCTOR_CACHE_DIR"], env["TRITON_CACHE_DIR"]]
+    return ["/tmp", env["TORCHINDUCTOR_CACHE_DIR"], env["TRITON_CACHE_DIR"], env["CUDA_CACHE_PATH"], env["XDG_CACHE_HOME"]]
 
 
 @pytest.mark.parametrize("overlay", [*OVERLAYS, "gpu+components"])
