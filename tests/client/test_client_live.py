@@ -17,6 +17,8 @@ from tests.client.conftest import CLIENT_PATH
 from tests.live_server import LiveServer, live_server
 
 SAMPLE = Path(__file__).resolve().parents[2] / "model" / "samples" / "coffee_noisy.png"
+pytestmark = pytest.mark.slow  # starts the real service (tiny weights) once per module
+
 TOKEN = "client-test-token"
 
 

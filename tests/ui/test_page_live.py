@@ -16,6 +16,8 @@ from tests.ui.conftest import assert_stayed_home
 from tests.ui.pageflow import make_photo, restore, result_size, timing_steps, wait_for_result
 
 SAMPLE = Path(__file__).resolve().parents[2] / "model" / "samples" / "coffee_noisy.png"  # 256 x 256 RGB
+pytestmark = pytest.mark.slow  # starts the real service (tiny weights) once per module
+
 TOKEN = "page-test-token"
 MAX_PIXELS = 300 * 300
 FAILED_LOAD = ("Failed to load resource",)  # Chromium logs every 4xx/5xx fetch to the console
