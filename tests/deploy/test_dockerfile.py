@@ -86,6 +86,17 @@ def test_settings_in_the_image_are_real_settings():
     assert ours and ours <= settings_env_names(), ours - settings_env_names()
 
 
+def test_cache_settings_point_at_the_writable_cache():
+    """Any *_CACHE_DIR setting (e.g. torch.compile's) must be set to the cache volume: elsewhere the
+    read-only root filesystem would refuse the write."""
+    env = {}
+    for word, rest in dockerfile_instructions(DOCKERFILE.read_text()):
+        if word == "ENV":
+            env.update(env_pairs(rest))
+    for name in sorted(n for n in settings_env_names() if n.endswith("CACHE_DIR")):
+        assert env.get(name, "").startswith(env["XDG_CACHE_HOME"] + "/"), f"set {name} under {env['XDG_CACHE_HOME']} in the image"
+
+
 def settings_env_names() -> set[str]:
     """The variables the service reads (service/settings.py)."""
     return {"MPRNET_" + name.upper() for name in Settings.model_fields}
