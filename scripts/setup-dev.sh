@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh dev
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-    || echo "setup-dev: could not install chromium; browser tests will be skipped" >&2
+    || echo "setup-dev: could not install chromium; the browser tests will fail until it is installed" >&2
 fi
 if [ -f tests/tools/package.json ] && command -v npm >/dev/null 2>&1; then
   (cd tests/tools && npm install --no-audit --no-fund --silent) \
