@@ -138,3 +138,8 @@ def test_grafana_provisioning_is_wired():
 
     walk(dashboard)
     assert used and used <= uids, f"dashboard uses datasource uids {used - uids} that are not provisioned"
+    panels = dashboard["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    assert all(p.get("targets") for p in panels if p["type"] != "row"), "a panel without a query"
+    assert all(p["gridPos"]["x"] + p["gridPos"]["w"] <= 24 for p in panels), "a panel wider than the 24-column grid"
