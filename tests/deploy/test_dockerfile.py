@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -143,3 +146,51 @@ def test_dockerignore_check_catches_excluded_weights():
     rules = (ROOT / ".dockerignore").read_text() + "\nmodel/weights\n"
     assert dockerignore_excluded(rules, "model/weights/denoise.safetensors")
     assert not dockerignore_excluded(rules, "model/__init__.py")
+
+
+# --- what the image's `pip install /src` puts in it -----------------------------------------------
+
+
+def build_context(dest: Path) -> Path:
+    """The Docker build context: the repository's files (tracked or new, not git-ignored) minus what
+    .dockerignore leaves out. Without weights in the repository yet, one placeholder stands in."""
+    rules = (ROOT / ".dockerignore").read_text()
+    listed = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"]).stdout.splitlines()
+    weights = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "model" / "weights").glob("*.safetensors"))
+    for rel in sorted(set(listed) | set(weights)):
+        if (ROOT / rel).is_file() and not dockerignore_excluded(rules, rel):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    if not list((dest / "model" / "weights").glob("*.safetensors")):
+        (dest / "model" / "weights").mkdir(parents=True, exist_ok=True)
+        (dest / "model" / "weights" / "placeholder.safetensors").write_bytes(b"\0")
+    return dest
+
+
+def wheel_files(context: Path, out: Path) -> set[str]:
+    """The files of the wheel pip builds from `context`, as the image's `pip install /src` does."""
+    proc = run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(context)],
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout
+    (wheel,) = out.glob("*.whl")
+    return set(zipfile.ZipFile(wheel).namelist())
+
+
+def test_image_install_bakes_in_the_bundled_weights(tmp_path):
+    context = build_context(tmp_path / "context")
+    files = wheel_files(context, tmp_path / "wheel")
+    weights = {f"model/weights/{p.name}" for p in (context / "model" / "weights").glob("*.safetensors")}
+    assert weights and weights <= files, f"not in the image: {weights - files}"
+    assert {"service/__main__.py", "service/static/index.html", "model/arch.py"} <= files
+
+
+def test_weights_check_catches_missing_package_data(tmp_path):
+    context = build_context(tmp_path / "context")
+    pyproject = context / "pyproject.toml"
+    text = pyproject.read_text()
+    assert '"weights/*.safetensors", ' in text
+    pyproject.write_text(text.replace('"weights/*.safetensors", ', "", 1))
+    files = wheel_files(context, tmp_path / "wheel")
+    assert not any(f.startswith("model/weights/") and f.endswith(".safetensors") for f in files)
