@@ -97,6 +97,9 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if any(tuple(e.get("loc", ())) == ("path", "task") for e in exc.errors()):
+            task = request.path_params.get("task", "")
+            return ServiceError(404, "unknown_task", f"Unknown task {task!r}; choose deblur, derain or denoise.").response()
         parts = []
         for e in exc.errors():
             where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")

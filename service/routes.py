@@ -73,7 +73,7 @@ TASK_DOC = ", ".join(f"`{t}` ({p})" for t, p in PAPER_TASKS.items())
 
 @router.post("/restore/{task}", dependencies=Authorized, response_class=Response, responses=_RESTORED, openapi_extra=_RESTORE_BODY, summary="Restore an image")
 async def restore(
-    task: Annotated[str, Path(description=f"What to restore: {TASK_DOC}")],
+    task: Annotated[Literal["deblur", "derain", "denoise"], Path(description=f"What to restore: {TASK_DOC}")],
     request: Request,
     service: ServiceDep,
     format: Annotated[Literal["png", "jpeg", "webp"] | None, Query(description="Output format; default from Accept, else PNG")] = None,

@@ -229,3 +229,10 @@ async def test_draining_turns_readiness_and_new_work_away():
         assert (await client.get("/livez")).status_code == 200
         r = await client.post("/restore/deblur", content=png(IMG), headers=RAW)
         assert r.status_code == 503 and r.json()["code"] == "draining" and r.headers["Retry-After"]
+
+
+async def test_a_task_this_server_does_not_load_is_404():
+    app = create_app(test_settings(ui_enabled=False, tasks="denoise"), models=fake_models(("denoise",)))
+    async with running(app) as client:
+        r = await client.post("/restore/deblur", content=png(IMG), headers=RAW)
+        assert r.status_code == 404 and r.json()["code"] == "unknown_task" and "denoise" in r.json()["detail"]
