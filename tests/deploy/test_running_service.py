@@ -29,6 +29,8 @@ from .checks import adapter_metricsquery, dashboard_queries, dockerfile_instruct
 from .test_dockerfile import DOCKERFILE
 from .tools import ROOT, documents, kind, kustomize, run
 
+pytestmark = pytest.mark.slow  # starts the real server
+
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "mprnet.json"
 ADAPTER = ROOT / "k8s" / "overlays" / "hpa" / "prometheus-adapter-values.yaml"
 
