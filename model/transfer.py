@@ -1,0 +1,120 @@
+"""8-bit pixels to and from the device: a quarter of float32's bytes over PCIe, conversion on the device.
+
+`Uint8Transfer.submit` takes a uint8 batch (B, H, W, 3) or (B, 3, H, W) of any H and W and:
+
+1. copies it into pinned host memory and uploads it on an upload stream (non-blocking);
+2. on the compute stream, once the upload is done: converts to float in [0, 1] (a (B, H, W, 3)
+   batch becomes a channels-last (B, 3, H, W) view for free), pads to a multiple of 8, runs the
+   network, crops, scales, rounds and converts back to uint8;
+3. downloads the result on a download stream into pinned memory.
+
+It returns a `Pending` at once. Uploads and downloads run on their own streams, so a caller that
+submits batch n+1 before waiting on batch n uploads n+1 while n computes. On the CPU the same calls
+run synchronously. Rounding matches `images.from_tensor` (round half to even of x * 255), so the
+result equals the float path's, bit for bit, when the network's output is the same.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .tiling import ceil_to, pad_to
+
+LAYOUTS = ("BHWC", "BCHW")
+
+
+def infer_layout(shape: tuple[int, ...], layout: str | None = None) -> str:
+    """'BHWC' or 'BCHW' for a 4-D uint8 batch; ambiguous shapes (3 on both axes) must say which."""
+    if len(shape) != 4:
+        raise ValueError(f"expected a 4-D batch (B, H, W, 3) or (B, 3, H, W), got shape {tuple(shape)}")
+    if layout is not None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}: use BHWC or BCHW")
+        if shape[3 if layout == "BHWC" else 1] != 3:
+            raise ValueError(f"a {layout} batch needs 3 channels, got shape {tuple(shape)}")
+        return layout
+    last, first = shape[3] == 3, shape[1] == 3
+    if last and first:
+        raise ValueError(f"shape {tuple(shape)} could be BHWC or BCHW: pass layout=")
+    if not (last or first):
+        raise ValueError(f"expected 3 color channels in (B, H, W, 3) or (B, 3, H, W), got shape {tuple(shape)}")
+    return "BHWC" if last else "BCHW"
+
+
+class Pending:
+    """A submitted batch. `result()` waits for it and returns the uint8 output (numpy if numpy went in)."""
+
+    def __init__(self, out: Tensor, done: torch.cuda.Event | None, as_numpy: bool) -> None:
+        self._out = out
+        self._done = done
+        self._as_numpy = as_numpy
+
+    def ready(self) -> bool:
+        return self._done is None or self._done.query()
+
+    def result(self):
+        if self._done is not None:
+            self._done.synchronize()
+        return self._out.numpy() if self._as_numpy else self._out
+
+
+class Uint8Transfer:
+    def __init__(self, device: torch.device, core: Callable[[Tensor], Tensor], lock: threading.RLock) -> None:
+        self.device = device
+        self.core = core  # (B, 3, H, W) float32 [0, 1] on the device -> same shape float32 [0, 1]
+        self.lock = lock
+        cuda = device.type == "cuda"
+        self.upload = torch.cuda.Stream(device) if cuda else None
+        self.download = torch.cuda.Stream(device) if cuda else None
+
+    @torch.inference_mode()
+    def restore_on_device(self, x: Tensor, layout: str) -> Tensor:
+        """uint8 batch on the device -> restored uint8 batch of the same layout and shape, on the device."""
+        _, h, w = (x.shape[0], x.shape[1], x.shape[2]) if layout == "BHWC" else (x.shape[0], x.shape[2], x.shape[3])
+        f = x.permute(0, 3, 1, 2) if layout == "BHWC" else x  # (B, 3, H, W); channels-last strides for BHWC
+        f = f.float().div_(255)
+        hp, wp = ceil_to(h), ceil_to(w)
+        if (hp, wp) != (h, w):
+            f = pad_to(f, hp, wp)  # reflect, then replicate: the same padding as the float path
+        y = self.core(f)[:, :, :h, :w]  # (B, 3, H, W) float32 in [0, 1], valid until the next pass
+        y = y.mul(255).round_().to(torch.uint8)  # same rounding as images.from_tensor (np.rint)
+        return y.permute(0, 2, 3, 1).contiguous() if layout == "BHWC" else y.contiguous()
+
+    def submit(self, pixels: np.ndarray | Tensor, layout: str | None = None) -> Pending:
+        as_numpy = isinstance(pixels, np.ndarray)
+        x = torch.from_numpy(np.ascontiguousarray(pixels)) if as_numpy else pixels
+        if x.dtype != torch.uint8:
+            raise TypeError(f"expected uint8 pixels, got {x.dtype}")
+        layout = infer_layout(tuple(x.shape), layout)
+        if self.device.type != "cuda":
+            with self.lock:
+                y = self.restore_on_device(x.to(self.device), layout)
+            return Pending(y.to(x.device), None, as_numpy)
+
+        compute = torch.cuda.current_stream(self.device)
+        on_host = x.device.type == "cpu"
+        if on_host:
+            staged = x if x.is_pinned() else torch.empty(x.shape, dtype=torch.uint8, pin_memory=True).copy_(x)
+            with torch.cuda.stream(self.upload):
+                dev = staged.to(self.device, non_blocking=True)
+            compute.wait_stream(self.upload)
+            dev.record_stream(compute)  # allocated on the upload stream, read on the compute stream
+        else:
+            dev = x.to(self.device)
+        with self.lock:
+            y = self.restore_on_device(dev, layout)
+            if not on_host:
+                return Pending(y, None, False)
+            self.download.wait_stream(compute)
+        with torch.cuda.stream(self.download):
+            host = torch.empty(y.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(y, non_blocking=True)
+            y.record_stream(self.download)  # keep y's memory until the download has read it
+            done = torch.cuda.Event()
+            done.record()
+        return Pending(host, done, as_numpy)

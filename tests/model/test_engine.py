@@ -1,0 +1,257 @@
+"""The engine (model/engine.py, model/transfer.py): settings, static shapes, warm-up, uint8 path, compile.
+
+Most tests swap `torch.compile` for the identity, so they check the engine's own plumbing (batch
+rounding, chunking, warm-up coverage, the memory report) in seconds; one slow test compiles a tiny
+MPRNet with inductor for real. GPU-only behaviour (CUDA graphs, reduce-overhead, streams, memory
+figures) is in the tests marked `gpu`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from model.arch import MPRNet
+from model.engine import Engine, EngineSettings, configure_compile_cache, static_batch_sizes
+from model.images import from_tensor, to_tensor
+from model.inference import Restorer
+from model.transfer import infer_layout
+from model.variants import TINY
+
+RNG = np.random.default_rng(7)
+
+
+def _tiny() -> MPRNet:
+    torch.manual_seed(0)
+    return MPRNet(**TINY)
+
+
+class Invert(nn.Module):
+    """1 - x per pixel, recording the batch shapes it sees: exact, and shows what the engine ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, ...]] = []
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        self.calls.append(tuple(x.shape))
+        return [1 - x]
+
+
+@pytest.fixture
+def fake_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile -> identity: the engine takes its static-shape path without compiling."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+
+
+def _pixels(*shape: int) -> np.ndarray:
+    return RNG.integers(0, 256, shape, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_defaults_on_the_cpu_are_the_eager_restorer():
+    model = _tiny()
+    engine = Engine(model, device="cpu")
+    assert (engine.compile_mode, engine.cuda_graphs, engine.static) == ("off", False, False)
+    x = torch.rand(3, 3, 16, 24)
+    assert torch.equal(engine.run_batch(x), Restorer(model, device="cpu").run_batch(x))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"compile": "max-autotune"}, "unknown compile mode"),
+        ({"compile": "reduce-overhead"}, "on the CPU"),
+        ({"cuda_graphs": True}, "need a CUDA device"),
+        ({"max_batch": 0}, "at least 1"),
+    ],
+)
+def test_bad_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        Engine(Invert(), device="cpu", settings=EngineSettings(**settings))
+
+
+def test_static_batch_sizes():
+    assert static_batch_sizes(1) == (1,)
+    assert static_batch_sizes(16) == (1, 2, 4, 8, 16)
+    assert static_batch_sizes(12) == (1, 2, 4, 8, 12)
+
+
+def test_compile_cache_setting_points_inductor_and_triton_there(tmp_path, monkeypatch):
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.setenv(name, "placeholder")  # restored after the test, whatever the engine sets
+        monkeypatch.delenv(name)
+    path = configure_compile_cache(tmp_path / "compile")
+    assert path.is_dir()
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(path)
+    assert os.environ["TRITON_CACHE_DIR"] == str(path / "triton")
+
+
+# ---------------------------------------------------------------- static shapes
+
+
+def test_a_batch_runs_as_the_next_static_size_and_large_batches_in_chunks(fake_compile):
+    net = Invert()
+    engine = Engine(net, device="cpu", precision="fp32", settings=EngineSettings(compile="default", max_batch=8))
+    x = torch.rand(3, 3, 16, 8)
+    assert torch.equal(engine.run_batch(x), (1 - x).clamp(0, 1))
+    assert set(net.calls) == {(4, 3, 16, 8)}  # prepared once, then run: always 4 rows
+
+    net.calls.clear()
+    x = torch.rand(20, 3, 8, 8)
+    y = engine.run_batch(x)
+    assert torch.equal(y, (1 - x).clamp(0, 1))
+    assert {c[0] for c in net.calls} == {8, 4}  # 8 + 8 + 4 (the last chunk rounded up from 4)
+
+
+def test_warm_up_covers_every_static_shape_and_reports_memory(fake_compile):
+    net = Invert()
+    engine = Engine(net, device="cpu", precision="fp32", settings=EngineSettings(compile="default", max_batch=8))
+    report = engine.warmup([(16, 16), (8, 24)])
+    expected = {(b, h, w) for b in (1, 2, 4, 8) for h, w in ((16, 16), (8, 24))}
+    assert set(report) == expected == set(engine.memory_report()) == set(engine.warm_shapes())
+    assert all(m.peak_bytes is None and m.retained_bytes is None for m in report.values())  # CPU: not measured
+
+    calls = len(net.calls)
+    engine.run_batch(torch.rand(5, 3, 8, 24))
+    assert net.calls[calls:] == [(8, 3, 8, 24)]  # warm: one pass, nothing prepared on the way
+
+    # (B, H, W): only the static sizes a batch of B can need
+    assert set(engine.warmup([(3, 32, 8)])) == {(1, 32, 8), (2, 32, 8), (4, 32, 8)}
+    described = engine.describe()
+    json.dumps(described)  # goes into GET /tasks as is
+    assert described["static_batch_sizes"] == [1, 2, 4, 8]
+    assert len(described["shapes"]) == len(expected) + 3
+    with pytest.raises(ValueError, match="multiples of 8"):
+        engine.warmup([(15, 16)])
+
+
+def test_an_eager_engine_warms_each_shape_once_at_batch_one():
+    net = Invert()
+    engine = Engine(net, device="cpu", precision="fp32")
+    assert set(engine.warmup([(16, 16), (8, 8)])) == {(1, 16, 16), (1, 8, 8)}
+    assert net.calls == [(1, 3, 16, 16), (1, 3, 8, 8)]
+    engine.run_batch(torch.rand(3, 3, 8, 8))
+    assert net.calls[-1] == (3, 3, 8, 8)  # eager: no batch rounding
+
+
+def test_static_and_eager_tiny_mprnet_agree(fake_compile):
+    model = _tiny()
+    eager = Engine(model, device="cpu", precision="fp32")
+    static = Engine(model, device="cpu", precision="fp32", settings=EngineSettings(compile="default", max_batch=4))
+    x = torch.rand(3, 3, 16, 16)  # runs as 4 rows; the extra row must not leak into the others
+    torch.testing.assert_close(static.run_batch(x), eager.run_batch(x), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- uint8 path
+
+
+def _float_path(engine: Engine, image: np.ndarray) -> np.ndarray:
+    x, meta = to_tensor(image)
+    return from_tensor(engine.restore_tensor(x), meta)
+
+
+@pytest.mark.parametrize("layout", ["BHWC", "BCHW"])
+def test_uint8_path_equals_the_float_path(layout):
+    engine = Engine(_tiny(), device="cpu", precision="fp32")
+    pixels = _pixels(2, 13, 21, 3)  # not multiples of 8: padded and cropped inside
+    batch = pixels if layout == "BHWC" else np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+    out = engine.run_uint8(batch)
+    assert isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == batch.shape
+    got = out if layout == "BHWC" else out.transpose(0, 2, 3, 1)
+    for i in range(len(pixels)):
+        np.testing.assert_array_equal(got[i], _float_path(engine, pixels[i]))
+
+
+def test_uint8_path_takes_tensors_and_static_batches(fake_compile):
+    engine = Engine(Invert(), device="cpu", precision="fp32", settings=EngineSettings(compile="default", max_batch=4))
+    pixels = torch.from_numpy(_pixels(3, 10, 17, 3))
+    pending = engine.submit_uint8(pixels)
+    assert pending.ready()
+    out = pending.result()
+    assert isinstance(out, Tensor) and out.dtype == torch.uint8
+    assert torch.equal(out, 255 - pixels)
+    assert set(engine.warm_shapes()) == {(4, 16, 24)}  # padded to multiples of 8, batch rounded up
+
+
+@pytest.mark.parametrize(
+    "shape, layout, error",
+    [
+        ((1, 3, 8, 3), None, "pass layout"),
+        ((1, 8, 8, 4), None, "3 color channels"),
+        ((8, 8, 3), None, "4-D"),
+        ((1, 8, 8, 3), "BCHW", "3 channels"),
+        ((1, 8, 8, 3), "NHWC", "unknown layout"),
+    ],
+)
+def test_uint8_layouts_that_cannot_be_read_are_refused(shape, layout, error):
+    with pytest.raises(ValueError, match=error):
+        infer_layout(shape, layout)
+
+
+def test_uint8_path_refuses_other_dtypes():
+    engine = Engine(Invert(), device="cpu", precision="fp32")
+    with pytest.raises(TypeError, match="uint8"):
+        engine.run_uint8(np.zeros((1, 8, 8, 3), np.uint16))
+
+
+# ---------------------------------------------------------------- inductor, for real
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_inductor_compiled_engine_matches_eager():
+    """One real inductor compile (batch 1, 16x16; minutes on two busy cores): float and uint8 paths."""
+    model = _tiny()
+    eager = Engine(model, device="cpu", precision="fp32")
+    compiled = Engine(model, device="cpu", precision="fp32", settings=EngineSettings(compile="default", max_batch=1))
+    assert compiled.static and compiled.compile_mode == "default"
+    compiled.warmup([(16, 16)])
+    x = torch.rand(1, 3, 16, 16)
+    torch.testing.assert_close(compiled.run_batch(x), eager.run_batch(x), atol=1e-5, rtol=1e-5)
+    pixels = _pixels(1, 14, 16, 3)  # pads to the compiled 16x16
+    diff = compiled.run_uint8(pixels).astype(int) - eager.run_uint8(pixels).astype(int)
+    assert np.abs(diff).max() <= 1
+    assert set(compiled.warm_shapes()) == {(1, 16, 16)}  # no recompile on the way
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+def _cuda_pair(**settings) -> tuple[Engine, Engine]:
+    model = _tiny()
+    eager = Engine(model, device="cuda", settings=EngineSettings(compile="off", cuda_graphs=False))
+    return eager, Engine(model, device="cuda", settings=EngineSettings(max_batch=4, **settings))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "settings",
+    [{"compile": "off", "cuda_graphs": True}, {"compile": "default"}, {"compile": "reduce-overhead", "cuda_graphs": False}],
+)
+def test_cuda_modes_match_eager_within_bf16_tolerance(settings):
+    eager, fast = _cuda_pair(**settings)
+    fast.warmup([(32, 32)])
+    for n in (1, 3, 4):
+        x = torch.rand(n, 3, 32, 32)
+        torch.testing.assert_close(fast.run_batch(x), eager.run_batch(x), atol=2e-2, rtol=0)
+    for m in fast.memory_report().values():
+        assert m.peak_bytes is not None and m.peak_bytes > 0 and m.retained_bytes is not None
+
+
+@pytest.mark.gpu
+def test_cuda_uint8_submissions_overlap_and_match_the_synchronous_result():
+    eager, fast = _cuda_pair(compile="off", cuda_graphs=True)
+    batches = [_pixels(4, 30, 32, 3) for _ in range(3)]
+    pending = [fast.submit_uint8(b) for b in batches]  # queued back to back
+    for b, p in zip(batches, pending):
+        np.testing.assert_array_equal(p.result(), fast.run_uint8(b))
+        assert np.abs(p.result().astype(int) - eager.run_uint8(b).astype(int)).max() <= 2  # bf16, graph vs eager kernels
