@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor, nn
 
 from tests.conftest import REPO_ROOT
+from tests.model.nets import IdentityNet
 
 # The machines these tests run on have 2 cores shared with other jobs; one intra-op thread avoids
 # the spin-waiting of oversubscribed thread pools (measured: a 64x64 derain forward took 20 s with
@@ -18,18 +18,6 @@ torch.set_num_threads(1)
 
 # ../shared/reference/ beside the repository (where CI and the project's machines keep it)
 STATE_DICTS_JSON = REPO_ROOT.parent / "shared" / "reference" / "mprnet_state_dicts.json"
-
-
-class IdentityNet(nn.Module):
-    """Stands in for MPRNet where exactness matters: returns the input as element 0 of a list."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[int, ...]] = []  # input shapes, in call order
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        self.calls.append(tuple(x.shape))
-        return [x.clone()]
 
 
 @pytest.fixture
