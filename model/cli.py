@@ -53,19 +53,27 @@ def cmd_restore(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"mprnet: {e}") from None
     print(f"mprnet: {args.task} with {weights} on {restorer.device} ({restorer.precision})", file=sys.stderr)
+    failed = 0
     for src, rel in tqdm(files, disable=len(files) < 2 or None, unit="img"):
         dst = out if single_file else out / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(src) as im:
-            icc = im.info.get("icc_profile")
-            im = ImageOps.exif_transpose(im)
-            result = restorer.restore(im)
-        if dst.suffix.lower() in (".jpg", ".jpeg") and result.mode not in ("RGB", "L"):
+        try:
+            with Image.open(src) as im:
+                icc = im.info.get("icc_profile")
+                im = ImageOps.exif_transpose(im)
+                result = restorer.restore(im)
+        except (OSError, ValueError, TypeError) as e:  # unreadable or unsupported image: report, go on
+            print(f"mprnet: skipped {src}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        if dst.suffix.lower() in (".jpg", ".jpeg") and result.mode not in ("RGB", "L", "CMYK"):
             result = result.convert("RGB")
         result.save(dst, **({"icc_profile": icc} if icc else {}))
         if len(files) == 1:
             print(f"mprnet: wrote {dst}", file=sys.stderr)
-    return 0
+    if failed:
+        print(f"mprnet: {failed} of {len(files)} images could not be restored", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,98 @@
+"""`mprnet restore`: files and folders in, same-named files of the same format out; clean errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.cli import main
+from tests.conftest import REPO_ROOT
+
+
+def _write(path, array, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kw)
+    return path
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    """The real command line, in a fresh interpreter (what a user sees, tracebacks included)."""
+    return subprocess.run([sys.executable, "-m", "model", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+
+
+def test_restore_one_file(tmp_path, tiny_checkpoint, photo):
+    src = _write(tmp_path / "in" / "photo.png", photo[:20, :30])
+    dst = tmp_path / "restored.png"
+    proc = _run("restore", "--task", "denoise", "--weights", str(tiny_checkpoint), "--device", "cpu", str(src), "-o", str(dst))
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(dst) as out:
+        assert out.format == "PNG" and out.size == (30, 20) and out.mode == "RGB"
+    assert "wrote" in proc.stderr
+
+
+def test_restore_folder_keeps_names_and_formats(tmp_path, tiny_checkpoint, photo):
+    src = tmp_path / "in"
+    _write(src / "a.png", photo[:16, :16])
+    _write(src / "b.jpg", photo[:24, :17], quality=95)
+    _write(src / "sub" / "c.webp", photo[:9, :31])
+    _write(src / "d.tiff", np.dstack([photo[:8, :8], np.full((8, 8), 77, np.uint8)]))  # RGBA
+    _write(src / "gray16.png", (photo[:10, :12, 0].astype(np.uint16) * 257))  # 16-bit gray
+    (src / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    rc = main(["restore", "--task", "deblur", "--weights", str(tiny_checkpoint), "--device", "cpu",
+               "--tile", "16", "--tile-overlap", "8", str(src), "-o", str(out)])
+    assert rc == 0
+    produced = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert produced == ["a.png", "b.jpg", "d.tiff", "gray16.png", "sub/c.webp"]
+    for name, fmt, size, mode in [("a.png", "PNG", (16, 16), "RGB"), ("b.jpg", "JPEG", (17, 24), "RGB"),
+                                  ("sub/c.webp", "WEBP", (31, 9), "RGB"), ("d.tiff", "TIFF", (8, 8), "RGBA"),
+                                  ("gray16.png", "PNG", (12, 10), "I;16")]:
+        with Image.open(out / name) as im:
+            assert (im.format, im.size, im.mode) == (fmt, size, mode), name
+    with Image.open(out / "d.tiff") as im:
+        assert (np.asarray(im)[..., 3] == 77).all()  # alpha untouched
+
+
+def test_several_inputs_and_an_unreadable_image(tmp_path, tiny_checkpoint, photo, capsys):
+    a = _write(tmp_path / "a.png", photo[:8, :8])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "out"
+    rc = main(["restore", "--task", "derain", "--weights", str(tiny_checkpoint), "--device", "cpu", str(a), str(broken), "-o", str(out)])
+    assert rc == 1  # the good image is written, the broken one reported
+    assert (out / "a.png").is_file() and not (out / "broken.png").exists()
+    assert "skipped" in capsys.readouterr().err
+
+
+def test_bad_weights_exit_cleanly(tmp_path, photo):
+    src = _write(tmp_path / "a.png", photo[:8, :8])
+    proc = _run("restore", "--task", "deblur", "--weights", str(tmp_path / "missing.pth"), str(src), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("mprnet:") and "not found" in proc.stderr
+
+
+@pytest.mark.parametrize("content, needle", [(b"\x00" * 100, "not a checkpoint"), (b"PK\x03\x04" + b"\x00" * 60, "truncated or corrupt")])
+def test_unusable_weights_are_a_message(tmp_path, photo, content, needle):
+    src = _write(tmp_path / "a.png", photo[:8, :8])
+    (tmp_path / "w.pth").write_bytes(content)
+    with pytest.raises(SystemExit) as info:  # SystemExit with a message: printed to stderr, exit status 1
+        main(["restore", "--task", "deblur", "--weights", str(tmp_path / "w.pth"), str(src), "-o", str(tmp_path / "out")])
+    assert str(info.value.code).startswith("mprnet:") and needle in str(info.value.code)
+
+
+def test_bad_arguments_exit_cleanly(tmp_path, tiny_checkpoint):
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["restore", "--task", "deblur", "--weights", str(tiny_checkpoint), str(tmp_path / "nope.png"), "-o", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no images"):
+        main(["restore", "--task", "deblur", "--weights", str(tiny_checkpoint), str(tmp_path), "-o", str(tmp_path / "o")])
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(SystemExit, match="tile"):
+        main(["restore", "--task", "deblur", "--weights", str(tiny_checkpoint), "--tile", "12", str(tmp_path / "a.png"), "-o", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as info:
+        main(["restore", "--task", "sharpen", str(tmp_path), "-o", str(tmp_path)])
+    assert info.value.code == 2  # argparse: invalid choice
