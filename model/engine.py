@@ -265,7 +265,8 @@ class Engine(Restorer):
         graph = torch.cuda.CUDAGraph()
         # One memory pool for all shapes: passes never overlap (one device thread, `_lock`), so a
         # shape's intermediates may reuse another's; every graph's output buffer stays referenced.
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # thread_local: the service's readiness probe touches the device from another thread meanwhile
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             runner.output = runner.fn(runner.input)
         runner.graph = graph
 

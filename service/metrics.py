@@ -36,6 +36,10 @@ class Metrics:
         self.model_ready = Gauge("mprnet_model_ready", "1 when the task's model is loaded and warm", ["task"], registry=r)
         self.gpu_allocated = Gauge("mprnet_gpu_memory_allocated_bytes", "Device memory held by tensors", ["device"], registry=r)
         self.gpu_reserved = Gauge("mprnet_gpu_memory_reserved_bytes", "Device memory reserved by the caching allocator", ["device"], registry=r)
+        self.engine_memory = Gauge(
+            "mprnet_engine_memory_bytes", "Peak device memory of one pass of a static shape (WIDTHxHEIGHT, batch), measured at warm-up",
+            ["task", "shape", "batch"], registry=r,
+        )
         for task in tasks:  # series exist from the start, so dashboards and alerts see zeros, not gaps
             self.model_ready.labels(task).set(0)
             self.megapixels.labels(task)
@@ -48,6 +52,12 @@ class Metrics:
 
     def reject(self, task: str, reason: str) -> None:
         self.rejected.labels(self.task_label(task), reason).inc()
+
+    def engine_memory_from(self, task: str, report: dict) -> None:
+        """Gauges from an engine's memory report {(batch, h, w): MemoryUse}; the CPU measures none."""
+        for (batch, h, w), use in report.items():
+            if use.peak_bytes is not None:
+                self.engine_memory.labels(task, f"{w}x{h}", str(batch)).set(use.peak_bytes)
 
     def watch_queue(self, depth: Callable[[str], int], pixels: Callable[[str], float], oldest: Callable[[str], float]) -> None:
         for task in self.tasks:

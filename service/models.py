@@ -14,7 +14,8 @@ import torch
 
 from model.bundled import bundled_weights
 from model.checkpoint import CheckpointError, load_mprnet, sha256_file
-from model.inference import Restorer, TileSettings, resolve_device
+from model.engine import Engine, EngineSettings
+from model.inference import TileSettings, resolve_device
 from model.variants import PAPER_TASKS, config_from_state_dict
 
 from .settings import Settings
@@ -39,12 +40,14 @@ class TaskModel:
     parameters: int = 0
 
     def describe(self) -> dict[str, Any]:
+        engine = getattr(self.runner, "describe", None)  # compile/graph modes and memory per warm shape
         return {
             "paper_task": PAPER_TASKS.get(self.task, self.task),
             "weights": {"path": self.weights, "source": self.source, "sha256": self.sha256},
             "model": {"architecture": "MPRNet", "config": self.config, "parameters": self.parameters},
             "device": str(self.device),
             "precision": self.precision,
+            "engine": engine() if callable(engine) else None,
         }
 
 
@@ -61,10 +64,16 @@ def load_task(settings: Settings, task: str) -> TaskModel:
         model = load_mprnet(path)
     except CheckpointError as e:
         raise StartupError(f"{setting if source == 'configured' else 'bundled weights'} ({path}): {e}") from None
+    graphs = None if settings.cuda_graphs == "auto" else settings.cuda_graphs == "on"
+    cache = str(settings.compile_cache_dir) if settings.compile_cache_dir else None
+    engine = EngineSettings(compile=settings.compile, cuda_graphs=graphs, cache_dir=cache, max_batch=settings.max_batch_size)
     try:
-        restorer = Restorer(model, device=settings.device, precision=settings.precision, tiles=TileSettings(settings.tile_size, settings.tile_overlap, settings.max_batch_size))
+        tiles = TileSettings(settings.tile_size, settings.tile_overlap, settings.max_batch_size)
+        restorer = Engine(model, device=settings.device, precision=settings.precision, tiles=tiles, settings=engine)
     except ValueError as e:
-        raise StartupError(f"MPRNET_DEVICE={settings.device!r} / MPRNET_PRECISION={settings.precision!r}: {e}") from None
+        raise StartupError(
+            f"MPRNET_DEVICE={settings.device!r} / MPRNET_PRECISION={settings.precision!r} / MPRNET_COMPILE={settings.compile!r} / MPRNET_CUDA_GRAPHS={settings.cuda_graphs!r}: {e}"
+        ) from None
     return TaskModel(
         task=task,
         runner=restorer,

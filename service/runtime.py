@@ -67,16 +67,22 @@ class Service:
             mode = "full" if self.worker.device.type == "cuda" else "minimal"
         return shapes if mode == "full" else shapes[:1]
 
+    def max_items(self, shape: tuple[int, int]) -> int:
+        """The largest batch of (h, w) items the batcher can form."""
+        s = self.settings
+        return max(1, min(s.max_batch_size, int(s.batch_megapixels * MEGA // (shape[0] * shape[1]))))
+
     async def warm_up(self) -> None:
         for task in self.tasks:
             try:
                 for shape in self.warmup_shapes():
-                    await self.worker.warm_up(task, shape)
+                    await self.worker.warm_up(task, shape, self.max_items(shape))
             except Exception as e:  # noqa: BLE001 - reported by /readyz, the service stays up
                 self.warm_errors[task] = f"warm-up failed: {type(e).__name__}: {e}"
                 log.error("warm-up of %s failed", task, exc_info=e)
                 continue
             self.warm[task] = True
+            self.metrics.engine_memory_from(task, getattr(self.models[task].runner, "memory_report", dict)())
             self.metrics.model_ready.labels(task).set(1)
             log.info("%s is warm", task)
 

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     batch_megapixels: float = Field(2.0, gt=0)
     warmup: Literal["auto", "full", "minimal"] = "auto"  # auto: every static shape on CUDA, one per task on the CPU
 
+    # The engine (model/engine.py): per static shape, torch.compile and CUDA-graph replay.
+    compile: Literal["auto", "off", "default", "reduce-overhead"] = "auto"  # auto: default on CUDA, off on the CPU
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"  # auto: on with CUDA (reduce-overhead replays graphs by itself)
+    compile_cache_dir: Path | None = None  # compiled kernels kept across restarts; unset: TORCHINDUCTOR_CACHE_DIR or /tmp
+
     # Admission control, shared by all tasks on the device.
     queue_max_requests: int = Field(256, ge=1)
     queue_max_megapixels: float = Field(100.0, gt=0)
@@ -67,7 +72,7 @@ class Settings(BaseSettings):
     ui_enabled: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("log_level", "precision", "warmup", mode="before")
+    @field_validator("log_level", "precision", "warmup", "compile", "cuda_graphs", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.strip().lower() if isinstance(v, str) else v

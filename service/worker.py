@@ -58,9 +58,16 @@ class DeviceWorker:
         """Run same-shaped (3, h, w) items as one batch (split on OOM); one result or ItemOutOfMemory per item."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, task, list(inputs))
 
-    async def warm_up(self, task: str, shape: tuple[int, int]) -> None:
+    async def warm_up(self, task: str, shape: tuple[int, int], max_items: int = 1) -> None:
+        """Prepare one (h, w) item shape: an engine compiles/captures each static batch up to `max_items`
+        (model/engine.py); any other model runs one item."""
+        model = self.models[task]
+        loop = asyncio.get_running_loop()
+        if hasattr(model, "warmup"):
+            await loop.run_in_executor(self._pool, model.warmup, [(max_items, *shape)])
+            return
         x = torch.rand(1, 3, *shape, generator=torch.Generator().manual_seed(0))
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._run_checked, self.models[task], x)
+        await loop.run_in_executor(self._pool, self._run_checked, model, x)
 
     def _run(self, task: str, inputs: list[Tensor]) -> list[Tensor | BaseException]:
         x = torch.stack(inputs)  # (B, 3, h, w)

@@ -1,0 +1,80 @@
+"""The service on the engine (model/engine.py): settings reach it, warm-up prepares each shape's batches,
+/tasks shows the engine, and its memory report becomes the `mprnet_engine_memory_bytes` gauge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from prometheus_client import generate_latest
+from pydantic import ValidationError
+
+from model.engine import Engine, MemoryUse
+from service.metrics import Metrics
+from service.models import StartupError, load_task
+from service.runtime import Service
+from service.worker import DeviceWorker
+from tests.live_server import metric_value, tiny_weights
+from tests.service.conftest import fake_models, test_settings
+
+
+def test_models_run_on_the_engine_with_the_service_settings(tmp_path):
+    settings = test_settings(weights_dir=tiny_weights(tmp_path), max_batch_size=6)
+    model = load_task(settings, "derain")
+    assert isinstance(model.runner, Engine)
+    assert model.runner.settings.max_batch == 6
+    engine = model.describe()["engine"]
+    assert engine["compile"] == "off" and engine["cuda_graphs"] is False  # auto on the CPU
+
+
+def test_engine_settings_are_checked(tmp_path):
+    with pytest.raises(ValidationError, match="compile"):
+        test_settings(compile="max-autotune")
+    settings = test_settings(weights_dir=tiny_weights(tmp_path), cuda_graphs="on")
+    with pytest.raises(StartupError, match="MPRNET_CUDA_GRAPHS='on'.*CUDA"):
+        load_task(settings, "derain")
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.warmed: list = []
+
+    def run_batch(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def warmup(self, shapes):
+        self.warmed.extend(shapes)
+
+
+@pytest.mark.anyio
+async def test_warm_up_asks_the_engine_for_the_largest_batch_of_each_shape():
+    settings = test_settings(max_batch_size=16, batch_megapixels=0.07, buckets="32,64", tile_size=64)
+    recorder = Recorder()
+    service = Service(settings, fake_models(("derain",), recorder))
+    await service.warm_up()
+    # 0.07 MP holds 68 items of 32x32 (capped at 16), 17 of 32x64, 17 of 64x32 (capped), 17 of 64x64 (capped)
+    assert recorder.warmed == [(16, h, w) for h, w in service.warmup_shapes()]
+    service.worker.close()
+    assert Service.max_items(service, (256, 256)) == 1  # 0.07 MP < one 256x256 item: still one
+
+
+@pytest.mark.anyio
+async def test_a_model_without_warmup_runs_one_item():
+    seen = []
+
+    class Plain:
+        def run_batch(self, x):
+            seen.append(tuple(x.shape))
+            return x
+
+    worker = DeviceWorker({"derain": Plain()}, torch.device("cpu"))
+    await worker.warm_up("derain", (32, 64), max_items=8)
+    worker.close()
+    assert seen == [(1, 3, 32, 64)]
+
+
+def test_memory_report_becomes_gauges():
+    metrics = Metrics(("deblur",))
+    metrics.engine_memory_from("deblur", {(4, 256, 512): MemoryUse(123, 45), (1, 32, 32): MemoryUse(None, None)})
+    text = generate_latest(metrics.registry).decode()
+    assert metric_value(text, "mprnet_engine_memory_bytes", task="deblur", shape="512x256", batch="4") == 123
+    assert 'shape="32x32"' not in text  # the CPU measures nothing: no made-up zero
