@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import FastAPI
 
 from .errors import install_handlers
@@ -19,8 +18,6 @@ from .settings import Settings
 def create_app(settings: Settings | None = None, models: dict[str, TaskModel] | None = None) -> FastAPI:
     """Load the models (or take `models`, e.g. fakes in tests) and build the app; raises StartupError."""
     settings = settings or Settings()
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     service = Service(settings, models if models is not None else load_models(settings))
 
     @asynccontextmanager

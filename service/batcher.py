@@ -261,7 +261,7 @@ class MicroBatcher:
             results = await self.run(task, [job.plan.inputs[i] for job, _, i in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"the model returned {len(results)} results for a batch of {len(batch)}")
-        except Exception as e:  # noqa: BLE001 - fan the failure out to every member, keep serving
+        except Exception as e:
             log.error("batch of %d items for %s failed (requests %s)", len(batch), task, ", ".join(j.request_id for j in jobs), exc_info=e)
             for job in jobs:
                 self._resolve(job, error=InferenceFailed())

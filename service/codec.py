@@ -11,6 +11,7 @@ neither; WebP keeps alpha, not 16 bits.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 
@@ -91,10 +92,8 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
         raise ServiceError(413, "too_large", f"The image is {width}x{height} pixels, over the decoder's safety limit.") from None
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad data; all are the client's file
         raise bad_input(f"The image could not be decoded ({type(e).__name__}: {e}); the file is corrupt or truncated.") from None
-    try:
+    with contextlib.suppress(Exception):  # an unreadable EXIF block costs the orientation, not the request
         img = ImageOps.exif_transpose(img)  # upright pixels; the orientation tag is dropped
-    except Exception:  # noqa: BLE001 - an unreadable EXIF block costs the orientation, not the request
-        pass
     icc = img.info.get("icc_profile") or None
     exif = img.info.get("exif") or None
     if img.mode == "CMYK":
@@ -132,7 +131,7 @@ def encode(restored: Tensor, decoded: Decoded, fmt: str, quality: int | None) ->
     extra = {k: v for k, v in (("icc_profile", decoded.icc), ("exif", decoded.exif)) if v}
     try:
         return _save(img, fmt, quality, extra)
-    except Exception:  # noqa: BLE001 - a malformed profile or EXIF block from the client: drop them, keep the pixels
+    except Exception:
         if not extra:
             raise
         return _save(img, fmt, quality, {})

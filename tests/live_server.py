@@ -94,7 +94,7 @@ class LiveServer:
 def metric_value(text: str, name: str, **labels: str) -> float:
     want = {f'{k}="{v}"' for k, v in labels.items()}
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if line.startswith((name + "{", name + " ")):
             inner = line[line.find("{") + 1 : line.find("}")] if "{" in line else ""
             if want <= set(inner.split(",")):
                 return float(line.rsplit(" ", 1)[1])

@@ -68,9 +68,8 @@ test_settings.__test__ = False  # a helper, not a test
 @asynccontextmanager
 async def running(app) -> AsyncIterator[httpx.AsyncClient]:
     """The app with its lifespan running, and a client talking to it in-process."""
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30) as client:
-            yield client
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30) as client:
+        yield client
 
 
 async def wait_ready(client: httpx.AsyncClient) -> None:

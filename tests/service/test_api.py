@@ -58,7 +58,7 @@ async def test_readiness_waits_for_warm_up():
 
 
 async def test_restore_answers_the_image_with_request_id_and_server_timing():
-    async with fake_app() as (client, model, _):
+    async with fake_app() as (client, _, _):
         r = await client.post("/restore/denoise", content=png(IMG), headers={**RAW, "X-Request-ID": "abc-123"})
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         assert r.headers["x-request-id"] == "abc-123"

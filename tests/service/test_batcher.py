@@ -30,7 +30,7 @@ def plan(value: float, shape=(8, 8), items: int = 1) -> Plan:
 @asynccontextmanager
 async def batcher(model: FakeModel, tasks=("a", "b"), planner: Planner | None = None, **kw):
     worker = DeviceWorker(dict.fromkeys(tasks, model), torch.device("cpu"))
-    options = dict(max_batch_size=8, max_wait_s=60.0, batch_pixels=1e9, queue_max_requests=100, queue_max_pixels=1e12)
+    options = {"max_batch_size": 8, "max_wait_s": 60.0, "batch_pixels": 1e9, "queue_max_requests": 100, "queue_max_pixels": 1e12}
     options.update(kw)
     b = MicroBatcher(tasks, worker.run, Metrics(tasks), replan=planner.smaller if planner else None, **options)
     consumer = asyncio.create_task(b.run_forever())

@@ -146,12 +146,12 @@ def test_sigterm_drains_in_flight_requests_then_exits(tmp_path):
 
 def test_bad_settings_stop_start_up_naming_the_setting(tmp_path):
     env = {**os.environ, **TEST_ENV, "MPRNET_PORT": "eighty", "MPRNET_WEIGHTS_DIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "MPRNET_PORT='eighty'" in proc.stderr, proc.stderr
     broken = tmp_path / "deblur.safetensors"
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     env.update(MPRNET_PORT="8000", MPRNET_WEIGHTS_DEBLUR=str(broken), MPRNET_TASKS="deblur")
-    proc = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "MPRNET_WEIGHTS_DEBLUR" in proc.stderr and str(broken) in proc.stderr, proc.stderr
 
 
@@ -162,5 +162,5 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     # every 5xx left is a real server error.
     cmd = [st, "run", server.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "10", "--seed", "1",
            "--workers", "2", "--request-timeout", "60", "--generation-database", "none", "--no-color", "-H", "X-Request-Timeout: 120"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=200)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=200, check=False)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]

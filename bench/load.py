@@ -1,0 +1,249 @@
+"""HTTP load benchmark of the service, in the manner of Triton's perf_analyzer.
+
+A closed-loop concurrency sweep (each of C clients sends its next request as soon as its last one is
+answered), or a fixed request rate (`--rate`, open loop), over a mix of image sizes. Per level:
+throughput, end-to-end latency p50/p95/p99, the server's own queue and inference time (from its
+`Server-Timing` header) and the HTTP overhead = end-to-end minus (queue + inference): everything that
+is not the model or waiting for it (upload, decode, padding/tiling, blending, encode, download).
+
+`--raw` first measures the model alone, in this process, on exactly the items the service would
+run for the same mix (same planner, same batch size), so "throughput at saturation / raw model
+throughput" says what the service costs. Run it while nothing else uses the device.
+
+    python -m bench.load --spawn --weights model/weights --task denoise \\
+        --sizes 256x256 --concurrency 1,2,4,8 --duration 20 --raw
+    python -m bench.load --url http://127.0.0.1:8000 --task deblur --rate 2 --duration 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "model" / "samples" / "coffee_noisy.png"
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'256x256,640x480' -> [(256, 256), (640, 480)] as (width, height)."""
+    out = []
+    for part in text.split(","):
+        w, _, h = part.strip().partition("x")
+        out.append((int(w), int(h or w)))
+    return out
+
+
+def make_images(sizes: list[tuple[int, int]]) -> list[bytes]:
+    """PNGs of a real photo (resized and cropped), so decode/encode cost is that of photos, not noise."""
+    photo = Image.open(SAMPLE).convert("RGB")
+    images = []
+    for w, h in sizes:
+        scale = max(w / photo.width, h / photo.height)
+        resized = photo.resize((max(w, round(photo.width * scale)), max(h, round(photo.height * scale))), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        resized.crop((0, 0, w, h)).save(buf, "PNG")
+        images.append(buf.getvalue())
+    return images
+
+
+@dataclass
+class Sample:
+    e2e: float
+    status: int
+    timing: dict[str, float] = field(default_factory=dict)  # ms, from Server-Timing
+    pixels: int = 0
+
+
+def parse_server_timing(header: str | None) -> dict[str, float]:
+    out = {}
+    for part in (header or "").split(","):
+        name, _, rest = part.strip().partition(";dur=")
+        if rest:
+            out[name] = float(rest)
+    return out
+
+
+async def one(client: httpx.AsyncClient, url: str, body: bytes, pixels: int) -> Sample:
+    start = time.perf_counter()
+    try:
+        r = await client.post(url, content=body, headers={"content-type": "image/png"})
+        status, timing = r.status_code, parse_server_timing(r.headers.get("server-timing"))
+    except httpx.HTTPError:
+        status, timing = 0, {}
+    return Sample((time.perf_counter() - start) * 1000, status, timing, pixels)
+
+
+async def closed_loop(url: str, images: list[bytes], pixels: list[int], concurrency: int, duration: float, max_requests: int) -> tuple[list[Sample], float]:
+    samples: list[Sample] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        # warm the connections and the server's queue once per client
+        await asyncio.gather(*(one(client, url, images[i % len(images)], pixels[i % len(images)]) for i in range(concurrency)))
+        start = time.perf_counter()
+        counter = iter(range(10**9))
+
+        async def worker() -> None:
+            while time.perf_counter() - start < duration:
+                n = next(counter)
+                if n >= max_requests:
+                    return
+                samples.append(await one(client, url, images[n % len(images)], pixels[n % len(images)]))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return samples, time.perf_counter() - start
+
+
+async def fixed_rate(url: str, images: list[bytes], pixels: list[int], rate: float, duration: float) -> tuple[list[Sample], float]:
+    samples: list[Sample] = []
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256)) as client:
+        start, pending, n = time.perf_counter(), [], 0
+        while (due := start + n / rate) < start + duration:
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            pending.append(asyncio.create_task(one(client, url, images[n % len(images)], pixels[n % len(images)])))
+            n += 1
+        samples = list(await asyncio.gather(*pending))
+        return samples, time.perf_counter() - start
+
+
+def summarize(label: str, samples: list[Sample], elapsed: float) -> dict[str, float | str]:
+    ok = [s for s in samples if s.status == 200]
+    e2e = np.array([s.e2e for s in ok]) if ok else np.zeros(1)
+    part = lambda name: np.array([s.timing.get(name, 0) for s in ok]) if ok else np.zeros(1)
+    queue, infer, dec, enc = part("queue"), part("inference"), part("decode"), part("encode")
+    overhead = e2e - queue - infer
+    p = lambda a, q: float(np.percentile(a, q))
+    return {
+        "load": label,
+        "requests": len(samples),
+        "errors": len(samples) - len(ok),
+        "req/s": len(ok) / elapsed,
+        "MP/s": sum(s.pixels for s in ok) / 1e6 / elapsed,
+        "p50 ms": p(e2e, 50), "p95 ms": p(e2e, 95), "p99 ms": p(e2e, 99),
+        "queue p50 ms": p(queue, 50), "inference p50 ms": p(infer, 50),
+        "overhead p50 ms": p(overhead, 50), "overhead p95 ms": p(overhead, 95),
+        # where the overhead goes: decoding, encoding, and the rest (HTTP, upload, download, client)
+        "decode p50 ms": p(dec, 50), "encode p50 ms": p(enc, 50), "HTTP+client p50 ms": p(overhead - dec - enc, 50),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def raw_throughput(weights: Path, task: str, sizes: list[tuple[int, int]], batch: int, repeats: int) -> float:
+    """Requests per second of the model alone on the service's items for this mix (batched as the service would)."""
+    import torch
+
+    from model.checkpoint import load_mprnet
+    from model.inference import Restorer
+    from service.planner import Planner
+    from service.settings import Settings
+
+    settings = Settings()  # the same MPRNET_* environment as the spawned server
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    path = weights / f"{task}.safetensors" if weights.is_dir() else weights
+    restorer = Restorer(load_mprnet(path), device=settings.device, precision=settings.precision)
+    planner = Planner(settings.buckets, settings.tile_size, settings.tile_overlap)
+    items = [planner.plan(torch.rand(3, h, w)).inputs for w, h in sizes]  # (N, 3, h, w) per request
+    seconds = []
+    for x in items:
+        group = x.repeat(max(1, batch // len(x)), 1, 1, 1)[: max(batch, len(x))]  # `batch` requests' worth of items
+        restorer.run_batch(group[:1])  # warm
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for i in range(0, len(group), settings.max_batch_size):
+                restorer.run_batch(group[i : i + settings.max_batch_size])
+        seconds.append((time.perf_counter() - start) / repeats / (len(group) / len(x)))
+    return 1.0 / float(np.mean(seconds))
+
+
+def spawn(weights: Path, task: str, port: int) -> subprocess.Popen:
+    env = {"MPRNET_TASKS": task, **os.environ, "MPRNET_HOST": "127.0.0.1", "MPRNET_PORT": str(port), "MPRNET_LOG_LEVEL": "warning"}
+    env.setdefault("MPRNET_WEIGHTS_DIR" if weights.is_dir() else f"MPRNET_WEIGHTS_{task.upper()}", str(weights))
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server not ready in 600 s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="a running server (else --spawn)")
+    ap.add_argument("--spawn", action="store_true", help="start `python -m service` on 127.0.0.1 (MPRNET_* from the environment)")
+    ap.add_argument("--weights", type=Path, default=ROOT / "model" / "weights", help="weights file or directory (for --spawn and --raw)")
+    ap.add_argument("--task", default="denoise")
+    ap.add_argument("--sizes", default="256x256", help="image mix, WIDTHxHEIGHT comma list, sent round-robin")
+    ap.add_argument("--concurrency", default="1,2,4,8", help="closed-loop client counts")
+    ap.add_argument("--rate", type=float, help="fixed request rate (req/s, open loop) instead of the sweep")
+    ap.add_argument("--duration", type=float, default=20, help="seconds per level")
+    ap.add_argument("--max-requests", type=int, default=2000, help="cap per level")
+    ap.add_argument("--raw", action="store_true", help="measure the model alone first (before the server starts)")
+    ap.add_argument("--raw-repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+
+    sizes = parse_sizes(args.sizes)
+    images, pixels = make_images(sizes), [w * h for w, h in sizes]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    raw = raw_throughput(args.weights, args.task, sizes, max(levels), args.raw_repeats) if args.raw else None
+
+    proc = None
+    url = args.url
+    if args.spawn:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = spawn(args.weights, args.task, port)
+        url = f"http://127.0.0.1:{port}"
+    if not url:
+        ap.error("give --url or --spawn")
+    endpoint = f"{url}/restore/{args.task}"
+    rows = []
+    try:
+        if args.rate:
+            samples, elapsed = asyncio.run(fixed_rate(endpoint, images, pixels, args.rate, args.duration))
+            rows.append(summarize(f"{args.rate:g} req/s", samples, elapsed))
+        for c in [] if args.rate else levels:
+            samples, elapsed = asyncio.run(closed_loop(endpoint, images, pixels, c, args.duration, args.max_requests))
+            rows.append(summarize(f"C={c}", samples, elapsed))
+            print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; task {args.task}; sizes {args.sizes}")
+    print(table(rows))
+    if raw is not None:
+        best = max(float(r["req/s"]) for r in rows)
+        print(f"\nraw model throughput (same items, in-process): {raw:.2f} req/s; service at best: {best:.2f} req/s = {100 * best / raw:.0f}% of raw")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
