@@ -45,12 +45,15 @@ def _is_device_failure(e: BaseException) -> bool:
 
 
 class DeviceWorker:
-    def __init__(self, models: Mapping[str, BatchModel], device: torch.device) -> None:
+    def __init__(self, models: Mapping[str, BatchModel], device: torch.device, threads: int | None = None) -> None:
         self.models = dict(models)
         self.device = device
         self.failure: str | None = None  # set after an unrecoverable device error
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="device")
-        self._probe_pool = ThreadPoolExecutor(1, thread_name_prefix="device-probe")
+        # torch's CPU thread count is per calling thread: the model's thread gets `threads`, the
+        # probe one (the codec threads set their own; see runtime.py).
+        threads = threads or torch.get_num_threads()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="device", initializer=torch.set_num_threads, initargs=(threads,))
+        self._probe_pool = ThreadPoolExecutor(1, thread_name_prefix="device-probe", initializer=torch.set_num_threads, initargs=(1,))
         self._probe_stream = None
         self._lock = threading.Lock()
 
