@@ -57,6 +57,7 @@ class Job:
     started: float | None = None  # when its first item was dispatched
     finished: float | None = None  # when its future was resolved
     queued: bool = False
+    turn: float = 0.0  # when this job's next items are due: its arrival, then the time of its last batch
     timer: asyncio.TimerHandle | None = None
 
     def __post_init__(self) -> None:
@@ -147,6 +148,7 @@ class MicroBatcher:
 
     def _enqueue(self, job: Job, front: bool = False) -> None:
         job.queued = True
+        job.turn = job.enqueued if not front else 0.0
         self._depth[job.task] += 1
         self._pixels[job.task] += job.plan.computed_pixels
         (self._queues[job.task].appendleft if front else self._queues[job.task].append)(job)
@@ -203,13 +205,22 @@ class MicroBatcher:
             self._changed.clear()
             await self._changed.wait()
 
+    def _in_turn(self, task: str) -> list[Job]:
+        """Queued jobs, the one whose turn came first first.
+
+        A job's turn is its arrival; once it has had a batch and still has tiles left, its turn moves
+        to that moment. So a huge image shares the device with the requests queued behind it (one
+        batch each in turn) instead of blocking them for all of its tiles.
+        """
+        return sorted((j for j in self._live(task) if j.queued), key=lambda j: j.turn)
+
     def _shape_load(self, task: str) -> tuple[tuple[int, int] | None, int, int]:
-        """The oldest item's shape, and how many items and pixels of that shape are queued."""
-        q = self._live(task)
-        if not q:
+        """The shape whose turn it is, and how many items and pixels of that shape are queued."""
+        jobs = self._in_turn(task)
+        if not jobs:
             return None, 0, 0
-        shape = q[0].plan.shape
-        items = sum(len(j.plan) - j.next_item for j in q if j.queued and j.plan.shape == shape)
+        shape = jobs[0].plan.shape
+        items = sum(len(j.plan) - j.next_item for j in jobs if j.plan.shape == shape)
         return shape, items, items * shape[0] * shape[1]
 
     def _full(self, task: str) -> bool:
@@ -233,10 +244,10 @@ class MicroBatcher:
             return []
         item_pixels = shape[0] * shape[1]
         now, batch = time.monotonic(), []
-        for job in list(self._queues[task]):
+        for job in self._in_turn(task):
             if len(batch) >= self.max_batch_size or (len(batch) + 1) * item_pixels > self.batch_pixels:
                 break
-            if not job.queued or job.plan.shape != shape:
+            if job.plan.shape != shape:
                 continue
             if job.started is None and now >= job.deadline:
                 self._expire(job)  # the timer may run late on a busy loop: check again before compute
@@ -249,6 +260,8 @@ class MicroBatcher:
                 job.next_item += 1
             if job.next_item == len(job.plan):
                 self._dequeue(job)
+            else:
+                job.turn = now  # more tiles left: they queue behind whoever is waiting now
         return batch
 
     async def _execute(self, task: str, batch: list[tuple[Job, int, int]]) -> None:

@@ -105,6 +105,19 @@ async def test_mixed_shapes_are_grouped_and_tiles_of_different_requests_share_a_
     assert [float(o[0, 0, 0]) for o in outs[3]] == [30.0, 31.0, 32.0, 33.0]
 
 
+async def test_a_huge_image_shares_the_device_with_requests_queued_behind_it():
+    model = FakeModel()
+    async with batcher(model, max_batch_size=2) as b:
+        first = await occupy(b, model)
+        huge = submit(b, plan(50.0, (16, 16), items=6))
+        small = submit(b, plan(60.0, (8, 8)))
+        model.gate.set()
+        with anyio.fail_after(10):
+            await first.future, await huge.future, await small.future
+    order = [(len(batch), tuple(batch.shape[2:])) for batch in model.batches[1:]]
+    assert order == [(2, (16, 16)), (1, (8, 8)), (2, (16, 16)), (2, (16, 16))]  # not after all six tiles
+
+
 async def test_megapixel_budget_bounds_a_batch():
     model = FakeModel()
     async with batcher(model, max_batch_size=100, batch_pixels=3 * 64) as b:  # three 8x8 items

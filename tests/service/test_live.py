@@ -19,7 +19,7 @@ import pytest
 from tests.live_server import ROOT, TEST_ENV, LiveServer, live_server, metric_value, start_server, wait_ready
 from tests.service.conftest import decode, png, rand_image
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 RAW = {"content-type": "image/png"}
 BIG = (256, 256)  # tiny model, 64 px tiles overlapping 16: 5x5 tiles, enough to keep the device busy a while
 BIG_TILES = 25
