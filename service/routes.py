@@ -145,10 +145,13 @@ async def tasks(service: ServiceDep) -> dict[str, Any]:
     return service.describe()
 
 
-@router.get("/livez", summary="Liveness")
-async def livez() -> dict[str, str]:
-    """200 while the process runs (also while warming up or draining)."""
-    return {"status": "alive"}
+@router.get("/livez", summary="Liveness", responses={503: {"description": "Unrecoverable device error: restart the process"}})
+async def livez(service: ServiceDep) -> JSONResponse:
+    """200 while the process runs (also while warming up or draining); 503 after an unrecoverable device
+    error (a sticky CUDA error needs a new process)."""
+    if service.worker.failure:
+        return JSONResponse({"status": "device_failed", "detail": service.worker.failure}, status_code=503)
+    return JSONResponse({"status": "alive"})
 
 
 _READY = {"type": "object", "properties": {"status": {"type": "string"}, "tasks": {"type": "object"}, "device": {"type": "object"}}}

@@ -236,3 +236,14 @@ async def test_a_task_this_server_does_not_load_is_404():
     async with running(app) as client:
         r = await client.post("/restore/deblur", content=png(IMG), headers=RAW)
         assert r.status_code == 404 and r.json()["code"] == "unknown_task" and "denoise" in r.json()["detail"]
+
+
+async def test_a_device_failure_turns_readiness_and_liveness_red():
+    model = FakeModel()
+    async with fake_app(model) as (client, _, _):
+        model.fn = lambda x: (_ for _ in ()).throw(RuntimeError("CUDA error: an illegal memory access was encountered"))
+        r = await client.post("/restore/deblur", content=png(IMG), headers=RAW)
+        assert r.status_code == 500 and r.json()["code"] == "inference_failed"
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and not ready.json()["device"]["ok"] and "illegal memory access" in ready.json()["device"]["detail"]
+        assert (await client.get("/livez")).status_code == 503  # a sticky CUDA error needs a new process
