@@ -59,7 +59,10 @@ class EngineSettings:
     # conv still guards batch ranges 2-3, 4-7, ... so batch sizes stay separate), at some cost in
     # kernel speed. Graphs are still captured per shape.
     dynamic_hw: bool = False
-    backend: str = "inductor"  # torch.compile backend; tests use "aot_eager" to check the plumbing quickly
+    backend: str = "inductor"  # torch.compile backend
+    # Shapes are static, so cuDNN may time its algorithms once per shape and keep the fastest
+    # (a process-wide switch: set on CUDA when the engine is static).
+    cudnn_benchmark: bool = True
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES + ("auto",):
@@ -147,6 +150,8 @@ class Engine(Restorer):
         self.cuda_graphs = graphs
         self.batch_sizes = static_batch_sizes(settings.max_batch)
         self.static = mode != "off" or graphs  # else: plain eager, any batch size as it comes
+        if cuda and self.static and settings.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
         if settings.cache_dir and mode != "off":
             configure_compile_cache(settings.cache_dir)
         self._fn: Callable[[Tensor], Tensor] = self._forward
@@ -269,6 +274,17 @@ class Engine(Restorer):
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             runner.output = runner.fn(runner.input)
         runner.graph = graph
+
+    @torch.inference_mode()
+    def prepare(self, batch: int, height: int, width: int) -> MemoryUse:
+        """Prepare the one static shape a batch of `batch` runs as (compile, capture); its memory use."""
+        with self._lock:
+            if not self.static:
+                self._warm_eager((batch, height, width))
+                return self._memory[(batch, height, width)]
+            shape = (self.static_batch(min(batch, self.batch_sizes[-1])), height, width)
+            self._runner(shape)
+            return self._memory[shape]
 
     @torch.inference_mode()
     def warmup(self, shapes: Iterable[tuple[int, int] | tuple[int, int, int]]) -> dict[Shape, MemoryUse]:
