@@ -54,7 +54,10 @@ class Settings(BaseSettings):
     warmup: Literal["auto", "full", "minimal"] = "auto"  # auto: every static shape on CUDA, one per task on the CPU
 
     # The engine (model/engine.py): per static shape, torch.compile and CUDA-graph replay.
-    compile: Literal["auto", "off", "default", "reduce-overhead"] = "auto"  # auto: default on CUDA, off on the CPU
+    # Off by default: inductor compiles each static shape and batch size once, about a minute each on
+    # a GPU (the default buckets and tiles make ~19 per task), before /readyz turns green. Turn it on
+    # (default, or auto = default on CUDA) with MPRNET_COMPILE_CACHE_DIR on a volume that outlives restarts.
+    compile: Literal["auto", "off", "default", "reduce-overhead"] = "off"
     cuda_graphs: Literal["auto", "on", "off"] = "auto"  # auto: on with CUDA (reduce-overhead replays graphs by itself)
     compile_cache_dir: Path | None = None  # compiled kernels kept across restarts; unset: TORCHINDUCTOR_CACHE_DIR or /tmp
 
