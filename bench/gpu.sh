@@ -17,7 +17,7 @@
 #   bash bench/gpu.sh            # the full run
 #   bash bench/gpu.sh --smoke    # CPU, tiny config, seconds: the stages' plumbing (the tests run this)
 # Knobs: OUT, PYTHON (default python3, or .venv/bin/python when there is one and no CUDA python3),
-# ENGINE_BUDGET_S (no compile starts after it; default 240), LOAD_COMPILE (off|default: the
+# ENGINE_BUDGET_S (no compile starts after it; default 210), TOTAL_S (the stages' deadline; default 465), LOAD_COMPILE (off|default: the
 # server's MPRNET_COMPILE; default off, graphs only, so the server warms up in seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,48 +32,55 @@ if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && ! python3 -c 'import torch
 fi
 LOAD_COMPILE=${LOAD_COMPILE:-off}
 START=$(date +%s)
+DEADLINE=$((START + ${TOTAL_S:-465}))  # the whole run ends inside 8 minutes, whatever each stage does
+# limit N: N seconds, or what is left before DEADLINE if that is less (at least 5)
+limit() { local left=$((DEADLINE - $(date +%s))); [ "$left" -lt "$1" ] && echo $((left > 5 ? left : 5)) || echo "$1"; }
 log() { echo "[gpu.sh +$(($(date +%s) - START))s] $*" | tee -a "$OUT/gpu.log"; }
 : > "$OUT/gpu.log"
 
 # ---- 1. set-up (at most 60 s) -----------------------------------------------------------------
 if [ $SMOKE = 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
   log "installing $(ls .whl/*.whl | wc -l) wheels from .whl/ into /tmp/mprnet-site"
-  timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/mprnet-site .whl/*.whl \
+  timeout "$(limit 60)" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/mprnet-site .whl/*.whl \
     >>"$OUT/gpu.log" 2>&1 || log "wheel install failed (see above)"
   export PYTHONPATH=/tmp/mprnet-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
-timeout 60 "$PY" - <<'EOF' 2>&1 | tee -a "$OUT/gpu.log"
+timeout "$(limit 60)" "$PY" - <<'EOF' 2>&1 | tee -a "$OUT/gpu.log"
 import importlib, torch
 print("torch", torch.__version__, "| CUDA", torch.version.cuda, "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
 missing = [m for m in ("fastapi", "pydantic_settings", "uvicorn", "multipart", "httpx", "PIL", "spandrel", "spandrel_extra_arches")
            if importlib.util.find_spec(m) is None]
 print("missing:", ", ".join(missing) if missing else "nothing")
 EOF
+if [ $SMOKE = 0 ] && ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+  log "no CUDA device for $PY: this run needs a GPU (bash bench/gpu.sh --smoke runs the stages on the CPU)"
+  exit 2
+fi
 if [ $SMOKE = 0 ] && command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv >>"$OUT/gpu.log" 2>&1
 fi
 
-# ---- 2. engine vs reference (at most 330 s; no compile starts after ENGINE_BUDGET_S) ------------
+# ---- 2. engine vs reference (at most 300 s; no compile starts after ENGINE_BUDGET_S) ------------
 if [ $SMOKE = 1 ]; then
   log "engine: smoke run on the CPU"
   timeout 120 "$PY" -m bench.engine --smoke --out "$OUT" >>"$OUT/gpu.log" 2>&1 || log "engine stage failed or timed out (rc $?)"
 else
-  log "engine: rows, checks (budget ${ENGINE_BUDGET_S:-240} s for starting compiles)"
-  timeout 330 "$PY" -m bench.engine --out "$OUT" --budget-s "${ENGINE_BUDGET_S:-240}" >>"$OUT/gpu.log" 2>&1
+  log "engine: rows, checks (budget ${ENGINE_BUDGET_S:-210} s for starting compiles)"
+  timeout "$(limit 300)" "$PY" -m bench.engine --out "$OUT" --budget-s "${ENGINE_BUDGET_S:-210}" >>"$OUT/gpu.log" 2>&1
   rc=$?
   [ $rc = 0 ] || log "engine stage failed or timed out (rc $rc); rows measured so far are in engine.json"
 fi
 
-# ---- 3. HTTP load against a server on this machine (at most 150 s) ------------------------------
+# ---- 3. HTTP load against a server on this machine (at most 120 s) ------------------------------
 if [ $SMOKE = 1 ]; then
   log "load: skipped in smoke mode"
 else
   WEIGHTS=$ROOT/model/weights
   if [ ! -f "$WEIGHTS/deblur.safetensors" ]; then  # random weights: throughput does not depend on them
     WEIGHTS=/tmp/mprnet-weights
-    timeout 60 "$PY" -c "
+    timeout "$(limit 60)" "$PY" -c "
 import torch; from model.arch import MPRNet; from model.variants import VARIANTS; from model.checkpoint import save_safetensors
 import os; os.makedirs('$WEIGHTS', exist_ok=True); torch.manual_seed(0); save_safetensors(MPRNet(**VARIANTS['deblur']), '$WEIGHTS/deblur.safetensors')
 " >>"$OUT/gpu.log" 2>&1 || log "could not write random weights"
@@ -83,13 +90,14 @@ import os; os.makedirs('$WEIGHTS', exist_ok=True); torch.manual_seed(0); save_sa
   MPRNET_TASKS=deblur MPRNET_BUCKETS=256 MPRNET_TILE_SIZE=256 MPRNET_TILE_OVERLAP=32 MPRNET_MAX_BATCH_SIZE=32 \
   MPRNET_BATCH_MEGAPIXELS=2.2 MPRNET_QUEUE_MAX_REQUESTS=1024 MPRNET_COMPILE=$LOAD_COMPILE MPRNET_CUDA_GRAPHS=on \
   MPRNET_COMPILE_CACHE_DIR=/tmp/mprnet-compile-cache \
-    timeout 150 "$PY" -m bench.load --spawn --weights "$WEIGHTS" --task deblur --sizes 256x256 \
+    timeout "$(limit 120)" "$PY" -m bench.load --spawn --weights "$WEIGHTS" --task deblur --sizes 256x256 \
       --concurrency 32,64,128 --duration 12 >"$OUT/load.txt" 2>"$OUT/load.err" || log "load stage failed or timed out (rc $?); see load.err"
 fi
 
 # ---- 4. summary -------------------------------------------------------------------------------
 MODE=graphs
 [ "$LOAD_COMPILE" = default ] && MODE=compile+graphs
-timeout 30 "$PY" -m bench.gpu_report --out "$OUT" --load-mode "$MODE" --load-batch 32 2>&1 | tee -a "$OUT/gpu.log"
+TOTAL_LEFT=$((DEADLINE + 15 - $(date +%s)))
+timeout $((TOTAL_LEFT > 5 ? TOTAL_LEFT : 5)) "$PY" -m bench.gpu_report --out "$OUT" --load-mode "$MODE" --load-batch 32 2>&1 | tee -a "$OUT/gpu.log"
 [ -f "$OUT/engine.md" ] && cat "$OUT/engine.md"
 log "done in $(($(date +%s) - START)) s; files in $OUT"
