@@ -25,7 +25,8 @@ deblur
 
 derain
     Rain streaks, combined with the image by *screen blending*: ``1 - (1 - image) * (1 - rain)``.
-    Per image: a density of 3-40 streaks per 10,000 px (uniform), a dominant angle within +/-25
+    Per image: a density of 3-40 streak centres per 10,000 px (uniform, counted over the image and a
+    margin of 44 px around it, where streaks that enter the image may start), a dominant angle within +/-25
     degrees of vertical plus +/-5 degrees of jitter per streak (so every streak is within +/-30);
     per streak: length U[10, 40] px, width 1, 2 or 3 px, peak intensity U[0.5, 1.0] before
     softening, a brightness that tapers towards both ends; the rain layer is then softened with a
@@ -147,13 +148,15 @@ def random_blur(img: np.ndarray, rng: np.random.Generator, valid: bool = False) 
 def rain_layer(shape: tuple[int, int], rng: np.random.Generator, *, return_angles: bool = False):
     """A (H, W) float32 rain layer in [0, 1] (see the module docstring); optionally the streak angles."""
     h, w = shape
-    n = int(round(rng.uniform(*RAIN_DENSITY) * h * w / 1e4))
+    pad = int(RAIN_LENGTH[1]) + 4  # streaks may start outside the image and enter it
+    # Density counts streak centres per area of the padded canvas, so that small training crops
+    # and whole images see the same rain.
+    n = int(round(rng.uniform(*RAIN_DENSITY) * (h + 2 * pad) * (w + 2 * pad) / 1e4))
     main = rng.uniform(-RAIN_MAX_ANGLE + 5.0, RAIN_MAX_ANGLE - 5.0)
     angles = np.clip(main + rng.uniform(-5.0, 5.0, n), -RAIN_MAX_ANGLE, RAIN_MAX_ANGLE)
     lengths = rng.uniform(*RAIN_LENGTH, n)
     widths = rng.integers(1, 4, n)
     peaks = rng.uniform(0.5, 1.0, n)
-    pad = int(RAIN_LENGTH[1]) + 4  # streaks may start outside the image and enter it
     canvas = np.zeros((h + 2 * pad, w + 2 * pad), np.float32)
     if n:
         cx, cy = rng.uniform(0, w + 2 * pad, n), rng.uniform(0, h + 2 * pad, n)
