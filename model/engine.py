@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +75,9 @@ class MemoryUse:
     """Device memory of one static shape, measured when it was first run (bytes; None on the CPU)."""
 
     peak_bytes: int | None  # most memory the pass needed above what was allocated before it
-    retained_bytes: int | None  # memory still held afterwards (graph pool, static buffers)
+    # growth of the memory the allocator holds (graph pool, static buffers, cache) over the warm-up: a
+    # graph's private pool stays taken; shapes share one pool, so later shapes add only their excess
+    retained_bytes: int | None
     warmup_s: float = 0.0  # compile + capture + first runs
 
 
@@ -227,15 +229,33 @@ class Engine(Restorer):
             runner = self._prepare(shape)
         return runner
 
-    def _prepare(self, shape: Shape) -> _Runner:
-        b, h, w = shape
+    @contextlib.contextmanager
+    def _measured(self, shape: Shape) -> Iterator[None]:
+        """Record the memory and time the block takes as `shape`'s warm-up (memory on CUDA only)."""
         cuda = self.device.type == "cuda"
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         start = time.monotonic()
         if cuda:
             torch.cuda.synchronize(self.device)
-            before = torch.cuda.memory_allocated(self.device)
+            allocated, reserved = torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        yield
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - allocated
+            self._memory[shape] = MemoryUse(peak, torch.cuda.memory_reserved(self.device) - reserved, time.monotonic() - start)
+        else:
+            self._memory[shape] = MemoryUse(None, None, time.monotonic() - start)
+
+    def _prepare(self, shape: Shape) -> _Runner:
+        with self._measured(shape):
+            runner = self._build(shape)
+        self._runners[shape] = runner
+        log.info("static shape batch=%d %dx%d ready in %.1f s", *shape, self._memory[shape].warmup_s)
+        return runner
+
+    def _build(self, shape: Shape) -> _Runner:
+        b, h, w = shape
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         # a fixed, non-constant input: compile and capture on real-looking data, not zeros
         gen = torch.Generator(device="cpu").manual_seed(b * 7919 + h * 31 + w)
         static_in = torch.rand((b, 3, h, w), generator=gen).to(self.device).contiguous(memory_format=memory_format)
@@ -246,17 +266,8 @@ class Engine(Restorer):
         if self.cuda_graphs:
             self._capture(runner)
         else:
-            for _ in range(2 if cuda else 1):  # compiles; on CUDA the 2nd run lets reduce-overhead record its graph
+            for _ in range(2 if self.device.type == "cuda" else 1):  # compiles; a 2nd run lets reduce-overhead record
                 runner(static_in)
-        self._runners[shape] = runner
-        if cuda:
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device) - before
-            retained = torch.cuda.memory_allocated(self.device) - before
-            self._memory[shape] = MemoryUse(peak, retained, time.monotonic() - start)
-        else:
-            self._memory[shape] = MemoryUse(None, None, time.monotonic() - start)
-        log.info("static shape batch=%d %dx%d ready in %.1f s", b, h, w, self._memory[shape].warmup_s)
         return runner
 
     def _capture(self, runner: _Runner) -> None:
@@ -315,21 +326,9 @@ class Engine(Restorer):
         return done
 
     def _warm_eager(self, shape: Shape) -> None:
-        if shape in self._memory:
-            return
-        b, h, w = shape
-        cuda = self.device.type == "cuda"
-        start = time.monotonic()
-        if cuda:
-            torch.cuda.synchronize(self.device)
-            before = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self._fn(torch.rand((b, 3, h, w), device=self.device))
-        if cuda:
-            torch.cuda.synchronize(self.device)
-            self._memory[shape] = MemoryUse(torch.cuda.max_memory_allocated(self.device) - before, 0, time.monotonic() - start)
-        else:
-            self._memory[shape] = MemoryUse(None, None, time.monotonic() - start)
+        if shape not in self._memory:
+            with self._measured(shape):
+                self._fn(torch.rand(shape[0], 3, shape[1], shape[2], device=self.device))
 
     def warm_shapes(self) -> list[Shape]:
         """The static shapes prepared so far, in the order they were prepared."""
