@@ -21,7 +21,7 @@ from .app import create_app
 from .middleware import RequestIdFilter
 from .models import StartupError
 from .runtime import Service
-from .settings import Settings, settings_error
+from .settings import Settings, settings_error, unknown_variables
 
 log = logging.getLogger("service")
 
@@ -82,6 +82,8 @@ def main() -> int:
         print(f"mprnet-serve: {settings_error(e)}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    for warning in unknown_variables(os.environ):
+        log.warning(warning)
     try:
         app = create_app(settings)
     except StartupError as e:

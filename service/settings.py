@@ -5,8 +5,10 @@ A bad value stops start-up with a message naming the variable and the value (`se
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -168,3 +170,13 @@ def settings_error(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         lines.append(msg if not e["loc"] else f"{name}={e.get('input')!r}: {msg}")
     return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """Warnings for MPRNET_* variables that are no setting (pydantic-settings ignores them silently)."""
+    known = {"MPRNET_" + name.upper() for name in Settings.model_fields}
+    out = []
+    for name in sorted(k for k in environ if k.upper().startswith("MPRNET_") and k.upper() not in known):
+        close = difflib.get_close_matches(name.upper(), known, n=1)
+        out.append(f"{name} is not a setting of the service; ignored" + (f" (did you mean {close[0]}?)" if close else ""))
+    return out

@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 
 from service.planner import Planner
-from service.settings import Settings, settings_error
+from service.settings import Settings, settings_error, unknown_variables
 
 
 def refused(monkeypatch, **env) -> str:
@@ -54,6 +54,12 @@ def test_weights_directory_without_the_task_file_is_refused(monkeypatch, tmp_pat
     monkeypatch.setenv("MPRNET_WEIGHTS_DERAIN", str(tmp_path))
     with pytest.raises(ValueError, match="MPRNET_WEIGHTS_DERAIN"):
         Settings().weights_for("derain")
+
+
+def test_unknown_variables_are_named_with_a_suggestion():
+    assert unknown_variables({"MPRNET_PRECISON": "fp16", "MPRNET_PORT": "1", "HOME": "/"}) == [
+        "MPRNET_PRECISON is not a setting of the service; ignored (did you mean MPRNET_PRECISION?)"
+    ]
 
 
 PLANNER = Planner(((256, 256), (512, 384)), tile_size=512, overlap=32)  # buckets are WIDTHxHEIGHT
