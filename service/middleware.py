@@ -7,6 +7,7 @@ response and in every log line of the request, and counts restore requests by ta
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import re
 import time
@@ -52,8 +53,24 @@ class RequestContext:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
             await send(message)
 
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send_with_id(message)
+
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:
+            # Answered here rather than by Starlette's outermost handler, so the 500 carries the id too.
+            log.error("unhandled error in %s %s", scope["method"], scope["path"], exc_info=exc)
+            if started:
+                raise
+            body = json.dumps({"detail": f"Internal error; quote request id {rid}.", "code": "internal_error"}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send_with_id({"type": "http.response.start", "status": 500, "headers": headers})
+            await send_with_id({"type": "http.response.body", "body": body})
         finally:
             path = scope["path"]
             if path.startswith("/restore/") and scope["method"] == "POST":

@@ -247,3 +247,16 @@ async def test_a_device_failure_turns_readiness_and_liveness_red():
         ready = await client.get("/readyz")
         assert ready.status_code == 503 and not ready.json()["device"]["ok"] and "illegal memory access" in ready.json()["device"]["detail"]
         assert (await client.get("/livez")).status_code == 503  # a sticky CUDA error needs a new process
+
+
+async def test_an_unexpected_error_is_a_logged_json_500_with_the_request_id():
+    async with fake_app() as (client, _, app):
+        def broken(image):
+            raise ZeroDivisionError("a bug")
+
+        app.state.service.planner.plan = broken
+        r = await client.post("/restore/deblur", content=png(IMG), headers={**RAW, "X-Request-ID": "req-7"})
+        assert r.status_code == 500 and r.json() == {"detail": "Internal error; quote request id req-7.", "code": "internal_error"}
+        assert r.headers["x-request-id"] == "req-7" and "a bug" not in r.text
+        assert metric_value((await client.get("/metrics")).text, "mprnet_requests_total", task="deblur", status="500") == 1
+        assert (await client.get("/livez")).status_code == 200
