@@ -18,7 +18,8 @@
 #   bash bench/gpu.sh --smoke    # CPU, tiny config, seconds: the stages' plumbing (the tests run this)
 # Knobs: OUT, PYTHON (default python3, or .venv/bin/python when there is one and no CUDA python3),
 # ENGINE_BUDGET_S (no compile starts after it; default 210), TOTAL_S (the stages' deadline; default 465), LOAD_COMPILE (off|default: the
-# server's MPRNET_COMPILE; default off, graphs only, so the server warms up in seconds).
+# server's MPRNET_COMPILE; default off, graphs only, so the server warms up in seconds), GPU_TESTS=1
+# (first run the engine's tests marked gpu; leave ENGINE_BUDGET_S lower to stay inside 8 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -60,6 +61,13 @@ if [ $SMOKE = 0 ] && ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_a
 fi
 if [ $SMOKE = 0 ] && command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv >>"$OUT/gpu.log" 2>&1
+fi
+
+# ---- 1b. optional: the engine's GPU tests (GPU_TESTS=1; about a minute of tiny compiles) ----------
+if [ $SMOKE = 0 ] && [ "${GPU_TESTS:-0}" = 1 ]; then
+  log "gpu tests: pytest -m gpu tests/model/test_engine.py"
+  timeout "$(limit 120)" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/model/test_engine.py >>"$OUT/gpu.log" 2>&1
+  log "gpu tests: rc $?"
 fi
 
 # ---- 2. engine vs reference (at most 300 s; no compile starts after ENGINE_BUDGET_S) ------------
