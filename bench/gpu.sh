@@ -76,7 +76,8 @@ if [ $SMOKE = 1 ]; then
   timeout 120 "$PY" -m bench.engine --smoke --out "$OUT" >>"$OUT/gpu.log" 2>&1 || log "engine stage failed or timed out (rc $?)"
 else
   log "engine: rows, checks (budget ${ENGINE_BUDGET_S:-210} s for starting compiles)"
-  timeout "$(limit 300)" "$PY" -m bench.engine --out "$OUT" --budget-s "${ENGINE_BUDGET_S:-210}" >>"$OUT/gpu.log" 2>&1
+  # SIGINT, not TERM: Python unwinds (finally blocks run); rows are saved as they are measured
+  timeout -s INT -k 15 "$(limit 300)" "$PY" -m bench.engine --out "$OUT" --budget-s "${ENGINE_BUDGET_S:-210}" >>"$OUT/gpu.log" 2>&1
   rc=$?
   [ $rc = 0 ] || log "engine stage failed or timed out (rc $rc); rows measured so far are in engine.json"
 fi
@@ -98,7 +99,7 @@ import os; os.makedirs('$WEIGHTS', exist_ok=True); torch.manual_seed(0); save_sa
   MPRNET_TASKS=deblur MPRNET_BUCKETS=256 MPRNET_TILE_SIZE=256 MPRNET_TILE_OVERLAP=32 MPRNET_MAX_BATCH_SIZE=32 \
   MPRNET_BATCH_MEGAPIXELS=2.2 MPRNET_QUEUE_MAX_REQUESTS=1024 MPRNET_COMPILE=$LOAD_COMPILE MPRNET_CUDA_GRAPHS=on \
   MPRNET_COMPILE_CACHE_DIR=/tmp/mprnet-compile-cache \
-    timeout "$(limit 120)" "$PY" -m bench.load --spawn --weights "$WEIGHTS" --task deblur --sizes 256x256 \
+    timeout -s INT -k 15 "$(limit 120)" "$PY" -m bench.load --spawn --weights "$WEIGHTS" --task deblur --sizes 256x256 \
       --concurrency 32,64,128 --duration 12 >"$OUT/load.txt" 2>"$OUT/load.err" || log "load stage failed or timed out (rc $?); see load.err"
 fi
 

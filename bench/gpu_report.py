@@ -19,25 +19,31 @@ from typing import Any
 HTTP_TARGET = 0.9  # end-to-end throughput at saturation over the engine's
 
 
-def load_table(text: str) -> list[dict[str, str]]:
-    """The closed-loop rows ("| C=8 | ...") of bench/load.py's markdown table, as {column: text}."""
-    header: list[str] | None = None
+# bench/load.py's first columns: its per-level lines on stderr come without the table's header
+LOAD_COLUMNS = ["load", "requests", "errors", "req/s"]
+
+
+def load_table(text: str, header: list[str] | None = None) -> list[dict[str, str]]:
+    """The closed-loop rows ("| C=8 | ...") of bench/load.py's markdown table, as {column: text};
+    `header` names the leading columns of rows printed without a header line."""
     rows = []
     for line in text.splitlines():
         if not line.startswith("|") or line.startswith("|---"):
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if header is None or cells[0] == header[0]:
+        if cells[0] == "load" or header is None:
             header = cells
             continue
-        if cells[0].startswith("C=") and len(cells) == len(header):
+        if cells[0].startswith("C=") and len(cells) >= len(header):
             rows.append(dict(zip(header, cells)))
     return rows
 
 
 def summarize(
-    engine: dict[str, Any], load_text: str | None, load_mode: str, load_shape: tuple[str, int, int, int]
+    engine: dict[str, Any], load_text: str | None, load_mode: str, load_shape: tuple[str, int, int, int], load_err: str = ""
 ) -> dict[str, Any]:
+    """Issue 7's goals from the engine report; the HTTP ratio from load.txt (or, when the load run was
+    cut short before its table, the per-level lines of load.err)."""
     rows = [r for r in engine["rows"] if "img_per_s" in r]
     goals: dict[str, dict[str, Any]] = {}
     for r in engine["rows"]:
@@ -56,7 +62,7 @@ def summarize(
     if load_text is None:
         http["skipped"] = "no load.txt (the load stage did not run)"
     else:
-        levels = load_table(load_text)
+        levels = load_table(load_text) or load_table(load_err, LOAD_COLUMNS)
         task, h, w, b = load_shape
         same = [r for r in rows if (r["task"], r["height"], r["width"], r["batch"], r["mode"]) == (task, h, w, b, load_mode)]
         http["levels"] = levels
@@ -119,10 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     if not engine_json.is_file():
         print(f"no {engine_json}: the engine stage did not run", file=sys.stderr)
         return 1
-    load_txt = args.out / "load.txt"
+    load_txt, load_err = args.out / "load.txt", args.out / "load.err"
     shape = (args.load_task, args.load_size, args.load_size, args.load_batch)
     summary = summarize(
-        json.loads(engine_json.read_text()), load_txt.read_text() if load_txt.is_file() else None, args.load_mode, shape
+        json.loads(engine_json.read_text()),
+        load_txt.read_text() if load_txt.is_file() else None,
+        args.load_mode,
+        shape,
+        load_err.read_text() if load_err.is_file() else "",
     )
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     (args.out / "summary.md").write_text(markdown(summary))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench import engine as bench_engine
-from bench.gpu_report import load_table, summarize
+from bench.gpu_report import LOAD_COLUMNS, load_table, summarize
 from bench.gpu_report import main as report_main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +56,9 @@ def test_engine_driver_smoke_run_writes_json_and_markdown(tmp_path):
 def test_load_table_reads_the_closed_loop_rows():
     rows = load_table(LOAD_OUTPUT)
     assert [r["load"] for r in rows] == ["C=32", "C=64"] and rows[1]["req/s"] == "90.5"
+    # a run cut short: only the per-level lines on stderr, no header
+    err = "INFO something\n| C=32 | 900 | 0 | 75.0 | 4.9 | 400.0 |\n"
+    assert load_table(err, LOAD_COLUMNS) == [{"load": "C=32", "requests": "900", "errors": "0", "req/s": "75.0"}]
 
 
 def test_summary_takes_the_best_mode_per_goal_and_says_what_was_not_measured():
