@@ -17,7 +17,7 @@
 #   bash bench/gpu.sh            # the full run
 #   bash bench/gpu.sh --smoke    # CPU, tiny config, seconds: the stages' plumbing (the tests run this)
 # Knobs: OUT, PYTHON (default python3, or .venv/bin/python when there is one and no CUDA python3),
-# ENGINE_BUDGET_S (no compile starts after it; default 210), TOTAL_S (the stages' deadline; default 465), LOAD_COMPILE (off|default: the
+# ENGINE_BUDGET_S (no compile starts after it; default 210), TOTAL_S (the stages' deadline; default 450), LOAD_COMPILE (off|default: the
 # server's MPRNET_COMPILE; default off, graphs only, so the server warms up in seconds), GPU_TESTS=1
 # (first run the engine's tests marked gpu; leave ENGINE_BUDGET_S lower to stay inside 8 minutes).
 set -uo pipefail
@@ -33,7 +33,7 @@ if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && ! python3 -c 'import torch
 fi
 LOAD_COMPILE=${LOAD_COMPILE:-off}
 START=$(date +%s)
-DEADLINE=$((START + ${TOTAL_S:-465}))  # the whole run ends inside 8 minutes, whatever each stage does
+DEADLINE=$((START + ${TOTAL_S:-450}))  # the whole run ends inside 8 minutes, whatever each stage does
 # limit N: N seconds, or what is left before DEADLINE if that is less (at least 5)
 limit() { local left=$((DEADLINE - $(date +%s))); [ "$left" -lt "$1" ] && echo $((left > 5 ? left : 5)) || echo "$1"; }
 log() { echo "[gpu.sh +$(($(date +%s) - START))s] $*" | tee -a "$OUT/gpu.log"; }
