@@ -11,7 +11,7 @@ run for the same mix (same planner, same batch size), so "throughput at saturati
 throughput" says what the service costs. Run it while nothing else uses the device.
 
     python -m bench.load --spawn --weights model/weights --task denoise \\
-        --sizes 256x256 --concurrency 1,2,4,8 --duration 20 --raw
+        --sizes 256x256 --concurrency 1,2,4,8 --duration 20 --raw     # --weights tiny: a stated small model
     python -m bench.load --url http://127.0.0.1:8000 --task deblur --rate 2 --duration 30
 """
 
@@ -161,8 +161,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def raw_throughput(weights: Path, task: str, sizes: list[tuple[int, int]], batch: int, repeats: int) -> float:
-    """Requests per second of the model alone on the service's items for this mix (batched as the service would)."""
+def raw_throughput(weights: Path, task: str, sizes: list[tuple[int, int]], max_requests: int, repeats: int) -> float:
+    """Requests per second of the model alone on the service's items for this mix: the best over batches
+    of 1, 2, 4, ... up to `max_requests` requests' worth of items (a higher baseline is a harder target)."""
     import torch
 
     from model.checkpoint import load_mprnet
@@ -177,16 +178,20 @@ def raw_throughput(weights: Path, task: str, sizes: list[tuple[int, int]], batch
     restorer = Restorer(load_mprnet(path), device=settings.device, precision=settings.precision)
     planner = Planner(settings.buckets, settings.tile_size, settings.tile_overlap)
     items = [planner.plan(torch.rand(3, h, w)).inputs for w, h in sizes]  # (N, 3, h, w) per request
-    seconds = []
-    for x in items:
-        group = x.repeat(max(1, batch // len(x)), 1, 1, 1)[: max(batch, len(x))]  # `batch` requests' worth of items
-        restorer.run_batch(group[:1])  # warm
-        start = time.perf_counter()
-        for _ in range(repeats):
-            for i in range(0, len(group), settings.max_batch_size):
-                restorer.run_batch(group[i : i + settings.max_batch_size])
-        seconds.append((time.perf_counter() - start) / repeats / (len(group) / len(x)))
-    return 1.0 / float(np.mean(seconds))
+    best = 0.0
+    for n in sorted({1 << i for i in range(max_requests.bit_length()) if 1 << i <= max_requests} | {max_requests}):
+        seconds = []
+        for x in items:
+            group = x.repeat(n, 1, 1, 1)  # n requests' worth of this size's items
+            step = min(settings.max_batch_size, max(1, int(settings.batch_megapixels * 1e6 // (x.shape[2] * x.shape[3]))))
+            restorer.run_batch(group[:step])  # warm
+            start = time.perf_counter()
+            for _ in range(repeats):
+                for i in range(0, len(group), step):
+                    restorer.run_batch(group[i : i + step])
+            seconds.append((time.perf_counter() - start) / repeats / n)
+        best = max(best, 1.0 / float(np.mean(seconds)))
+    return best
 
 
 def spawn(weights: Path, task: str, port: int) -> subprocess.Popen:
@@ -205,11 +210,27 @@ def spawn(weights: Path, task: str, port: int) -> subprocess.Popen:
     raise SystemExit("server not ready in 600 s")
 
 
+def tiny_weights(task: str) -> Path:
+    """A seeded random checkpoint of the TINY configuration (model/variants.py), for a stated small config."""
+    import tempfile
+
+    import torch
+
+    from model.arch import MPRNet
+    from model.checkpoint import save_safetensors
+    from model.variants import TINY
+
+    path = Path(tempfile.mkdtemp(prefix="mprnet-tiny-")) / f"{task}.safetensors"
+    torch.manual_seed(0)
+    save_safetensors(MPRNet(**TINY), path)
+    return path.parent
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="a running server (else --spawn)")
     ap.add_argument("--spawn", action="store_true", help="start `python -m service` on 127.0.0.1 (MPRNET_* from the environment)")
-    ap.add_argument("--weights", type=Path, default=ROOT / "model" / "weights", help="weights file or directory (for --spawn and --raw)")
+    ap.add_argument("--weights", default=str(ROOT / "model" / "weights"), help="weights file or directory (for --spawn and --raw); 'tiny': a seeded TINY model")
     ap.add_argument("--task", default="denoise")
     ap.add_argument("--sizes", default="256x256", help="image mix, WIDTHxHEIGHT comma list, sent round-robin")
     ap.add_argument("--concurrency", default="1,2,4,8", help="closed-loop client counts")
@@ -220,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw-repeats", type=int, default=5)
     args = ap.parse_args(argv)
 
+    args.weights = tiny_weights(args.task) if args.weights == "tiny" else Path(args.weights)
     sizes = parse_sizes(args.sizes)
     images, pixels = make_images(sizes), [w * h for w, h in sizes]
     levels = [int(c) for c in args.concurrency.split(",")]
