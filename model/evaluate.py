@@ -75,7 +75,9 @@ def baseline(task: str) -> Restore:
             return denoise_nl_means(img, h=0.8 * sigma, sigma=sigma, fast_mode=True, patch_size=5, patch_distance=6, channel_axis=-1)
         return nlm
     if task == "deblur":
-        return lambda img: unsharp_mask(img, radius=2, amount=1.0, channel_axis=-1)
+        # Per channel on contiguous float64 copies: called on strided float32 channel views,
+        # scikit-image 0.2x returned sporadic NaNs here.
+        return lambda img: np.stack([unsharp_mask(np.ascontiguousarray(img[..., c], dtype=np.float64), radius=2, amount=1.0) for c in range(3)], axis=-1)
     if task == "derain":
         square = np.ones((5, 5), bool)
         return lambda img: np.stack([median(img[..., c], footprint=square) for c in range(3)], axis=-1)
