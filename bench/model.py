@@ -37,9 +37,9 @@ from torch.utils.flop_counter import FlopCounterMode
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.reference import reference_mprnet  # noqa: E402
-from model.arch import MPRNet  # noqa: E402
-from model.variants import TINY, VARIANTS  # noqa: E402
+from bench.reference import reference_mprnet
+from model.arch import MPRNet
+from model.variants import TINY, VARIANTS
 
 CONFIGS = {**VARIANTS, "tiny": TINY}
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -196,9 +196,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def machine(device: torch.device) -> dict[str, Any]:
     info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device), "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     with contextlib.suppress(OSError):
-        info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-        info["load_average_1m"] = os.getloadavg()[0]
+        info["load_average_1m"] = os.getloadavg()[0]  # other work on the machine skews CPU figures
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

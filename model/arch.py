@@ -22,7 +22,6 @@ output ``[stage3, stage2, stage1]`` images of the same shape; element 0 is the r
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 MULTIPLE_OF = 8  # two halvings per quarter patch: H/2 and W/2 must be divisible by 4

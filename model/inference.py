@@ -73,6 +73,8 @@ class Restorer:
         self.precision = resolve_precision(precision, self.device)
         self.tiles = tiles
         plan_tiles(tiles.size, tiles.size, tiles.size, tiles.overlap)  # validates the settings early
+        if tiles.batch < 1:
+            raise ValueError(f"tile batch must be at least 1, got {tiles.batch}")
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = model.eval().to(self.device, memory_format=memory_format)

@@ -102,7 +102,7 @@ def test_unsupported_arrays_are_refused(identity, bad, error):
 def _pil(mode: str, photo: np.ndarray) -> Image.Image:
     rgb = Image.fromarray(photo[:21, :34])
     if mode == "I;16":
-        return Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257 + 3))
+        return Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 256 + 3)
     if mode == "P":
         return rgb.quantize(64)
     if mode == "P-transparent":
