@@ -183,7 +183,7 @@ def raw_throughput(weights: Path, task: str, sizes: list[tuple[int, int]], max_r
         seconds = []
         for x in items:
             group = x.repeat(n, 1, 1, 1)  # n requests' worth of this size's items
-            step = min(settings.max_batch_size, max(1, int(settings.batch_megapixels * 1e6 // (x.shape[2] * x.shape[3]))))
+            step = min(settings.max_batch_size, max(1, int(settings.batch_pixels(restorer.device.type) // (x.shape[2] * x.shape[3]))))
             restorer.run_batch(group[:step])  # warm
             start = time.perf_counter()
             for _ in range(repeats):

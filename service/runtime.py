@@ -42,7 +42,7 @@ class Service:
             self.metrics,
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000,
-            batch_pixels=settings.batch_megapixels * MEGA,
+            batch_pixels=settings.batch_pixels(device.type),
             queue_max_requests=settings.queue_max_requests,
             queue_max_pixels=settings.queue_max_megapixels * MEGA,
             replan=self.planner.smaller,
@@ -75,7 +75,7 @@ class Service:
     def max_items(self, shape: tuple[int, int]) -> int:
         """The largest batch of (h, w) items the batcher can form."""
         s = self.settings
-        return max(1, min(s.max_batch_size, int(s.batch_megapixels * MEGA // (shape[0] * shape[1]))))
+        return max(1, min(s.max_batch_size, int(self.batcher.batch_pixels // (shape[0] * shape[1]))))
 
     async def warm_up(self) -> None:
         for task in self.tasks:
@@ -160,7 +160,7 @@ class Service:
         batching = {
             "max_batch_size": s.max_batch_size,
             "max_wait_ms": s.max_wait_ms,
-            "batch_megapixels": s.batch_megapixels,
+            "batch_megapixels": self.batcher.batch_pixels / MEGA,
             "buckets": [f"{w}x{h}" for w, h in s.buckets],
             "tile_size": s.tile_size,
             "tile_overlap": s.tile_overlap,
