@@ -173,8 +173,11 @@ def train(args: argparse.Namespace) -> dict:
                 save_checkpoint(out / "best.pt", model, opt, step, best, elapsed, rng, args)
                 export(model, out / "best.safetensors", args, step, best, elapsed)
             save_checkpoint(last, model, opt, step, best, elapsed, rng, args)
-            log.write(json.dumps({"step": step, "loss": round(ema, 5), "val_psnr": round(val_psnr, 3), "best": round(best, 3), "lr": opt.param_groups[0]["lr"], "elapsed_s": round(elapsed, 1)}) + "\n")
+            line = json.dumps({"step": step, "loss": round(ema, 5), "val_psnr": round(val_psnr, 3), "best": round(best, 3), "lr": opt.param_groups[0]["lr"], "elapsed_s": round(elapsed, 1)})
+            log.write(line + "\n")
             log.flush()
+            if not args.quiet:
+                bar.write(line)  # also when the bar is hidden (not a terminal): a readable nohup log
         bar.set_postfix(loss=f"{ema:.4f}", val=f"{val_psnr:.2f}", best=f"{best:.2f}", refresh=False)
     elapsed = time.monotonic() - start
     if step % args.val_every:  # stopped between validations (time budget): validate what we have
