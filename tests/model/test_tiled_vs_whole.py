@@ -16,6 +16,9 @@ TILES = TileSettings(size=48, overlap=16, batch=4)  # the 64 x 96 photo becomes 
 
 # Required agreement between tiled and whole-image output (PSNR, dB):
 TRAINED_MIN_DB = 40.0  # the bar, for the bundled (trained) weights
+# Measured with the first bundled weights (compact n_feat 16 models): deblur 46.7, denoise 43.8,
+# derain 48.9 dB here; on model/samples/coffee_noisy.png (256x256, tile 64, overlap 16) 45.6,
+# 41.9, 46.1 dB. Denoising changes the most pixels, so it sits closest to the bar.
 # Random default-init weights are far more sensitive to context: channel attention pools over the
 # whole input, and stage 1/2 split the input into quarters/halves whose borders move with the tile.
 # Measured on this photo with these tiles (seed 0): deblur 26.9, denoise 25.2, derain 26.4 dB.
@@ -39,8 +42,7 @@ def _model(task: str) -> tuple[MPRNet, str]:
         return MPRNet(**VARIANTS[task]).eval(), "random"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", TASKS)  # seconds with the compact bundled models; ~20 s each with random released-size ones
 def test_tiled_matches_whole_image(task, photo):
     model, weights = _model(task)
     x = torch.from_numpy(photo.astype(np.float32) / 255).permute(2, 0, 1).contiguous()  # (3, 64, 96)
