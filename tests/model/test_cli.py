@@ -96,3 +96,15 @@ def test_bad_arguments_exit_cleanly(tmp_path, tiny_checkpoint):
     with pytest.raises(SystemExit) as info:
         main(["restore", "--task", "sharpen", str(tmp_path), "-o", str(tmp_path)])
     assert info.value.code == 2  # argparse: invalid choice
+
+
+def test_default_weights_are_the_bundled_ones(tmp_path, photo, capsys):
+    from model.bundled import WEIGHTS_DIR
+
+    if not (WEIGHTS_DIR / "denoise.safetensors").is_file():
+        pytest.skip("no bundled denoise weights in this checkout")
+    src = _write(tmp_path / "a.png", photo[:24, :24])
+    assert main(["restore", "--task", "denoise", "--device", "cpu", str(src), "-o", str(tmp_path / "b.png")]) == 0
+    assert "denoise.safetensors" in capsys.readouterr().err
+    with Image.open(tmp_path / "b.png") as out:
+        assert out.size == (24, 24)
