@@ -155,7 +155,7 @@ def summarize(label: str, samples: list[Sample], elapsed: float, busy: float) ->
 
 def table(rows: list[dict]) -> str:
     keys = list(rows[0])
-    fmt = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)
+    fmt = lambda v: (f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}") if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
