@@ -115,7 +115,9 @@ class Restorer:
     def restore(self, image: np.ndarray | Image.Image) -> np.ndarray | Image.Image:
         """Restore a uint8/uint16 gray, RGB or RGBA image (array or PIL); same size, mode and depth out."""
         x, meta = to_tensor(image)
-        return from_tensor(self.restore_tensor(x), meta)
+        y = self.restore_tensor(x)
+        del x  # one image-sized buffer fewer while converting back (large images)
+        return from_tensor(y, meta)
 
 
 def load_restorer(weights: str | Path, device: str = "auto", precision: str = "auto", tiles: TileSettings = TileSettings()) -> Restorer:

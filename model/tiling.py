@@ -153,11 +153,13 @@ class TileAssembler:
     def __init__(self, plan: TilePlan, channels: int, device: torch.device | str = "cpu") -> None:
         self.plan = plan
         self.acc = torch.zeros(channels, plan.padded_h, plan.padded_w, device=device)
-        self.weight = torch.zeros(1, plan.padded_h, plan.padded_w, device=device)
+        self.weight: Tensor | None = torch.zeros(1, plan.padded_h, plan.padded_w, device=device)
         self.remaining = len(plan)
 
     def add(self, index: int, tile: Tensor) -> None:
         """Add the output (C, tile_h, tile_w) of tile number `index` of `plan.boxes`."""
+        if self.weight is None:
+            raise RuntimeError("the image was already assembled; tiles can no longer be added")
         y, x = self.plan.boxes[index]
         w = tile_window(self.plan, y, x).to(self.acc.device)
         th, tw = self.plan.tile_h, self.plan.tile_w
@@ -166,8 +168,14 @@ class TileAssembler:
         self.remaining -= 1
 
     def result(self) -> Tensor:
-        """The blended (C, H, W) image; every tile must have been added."""
+        """The blended (C, H, W) image; every tile must have been added. Later calls return the same tensor.
+
+        The sum is divided in place and the weights freed: a large image needs no third
+        image-sized buffer.
+        """
         if self.remaining:
             raise RuntimeError(f"{self.remaining} tiles were never added")
-        out = self.acc / self.weight
-        return out[:, : self.plan.height, : self.plan.width]
+        if self.weight is not None:
+            self.acc.div_(self.weight)
+            self.weight = None
+        return self.acc[:, : self.plan.height, : self.plan.width]
