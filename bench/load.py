@@ -194,6 +194,34 @@ def raw_throughput(weights: Path, task: str, sizes: list[tuple[int, int]], max_r
     return best
 
 
+def codec_cpu_ms(images: list[bytes], repeats: int = 30) -> tuple[float, float]:
+    """CPU ms per request (mean over the mix) of the service's decode + plan and assemble + PNG encode,
+    run here on one thread: what the HTTP path costs without waiting for a busy CPU."""
+    import torch
+
+    from service import codec
+    from service.planner import Planner
+    from service.settings import Settings
+
+    torch.set_num_threads(1)
+    settings = Settings()
+    planner = Planner(settings.buckets, settings.tile_size, settings.tile_overlap)
+    dec = enc = 0.0
+    for data in images:
+        decoded = codec.decode(data, settings.max_pixels)
+        plan = planner.plan(decoded.image)
+        start = time.thread_time()
+        for _ in range(repeats):
+            decoded = codec.decode(data, settings.max_pixels)
+            plan = planner.plan(decoded.image)
+        dec += (time.thread_time() - start) / repeats
+        start = time.thread_time()
+        for _ in range(repeats):
+            codec.encode(plan.assemble(list(plan.inputs)), decoded, "png", None)  # identity output: the input's content
+        enc += (time.thread_time() - start) / repeats
+    return 1000 * dec / len(images), 1000 * enc / len(images)
+
+
 def spawn(weights: Path, task: str, port: int) -> subprocess.Popen:
     env = {"MPRNET_TASKS": task, **os.environ, "MPRNET_HOST": "127.0.0.1", "MPRNET_PORT": str(port), "MPRNET_LOG_LEVEL": "warning"}
     env.setdefault("MPRNET_WEIGHTS_DIR" if weights.is_dir() else f"MPRNET_WEIGHTS_{task.upper()}", str(weights))
@@ -278,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(60)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; task {args.task}; sizes {args.sizes}")
     print(table(rows))
+    dec, enc = codec_cpu_ms(images)
+    print(f"\ncodec CPU per request, one thread, no load from this benchmark: decode+plan {dec:.1f} ms, assemble+PNG encode {enc:.1f} ms")
     if raw is not None:
         after = raw_throughput(args.weights, args.task, sizes, max(levels), args.raw_repeats)
         best = max(float(r["req/s"]) for r in rows)
