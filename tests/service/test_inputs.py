@@ -115,6 +115,26 @@ async def test_grayscale_palette_rgba_and_16_bit_come_back_in_kind(client):
     assert (np.asarray(out.convert("RGB")) == np.asarray(palette.convert("RGB"))).all()
 
 
+def png_16bit_rgb(arr: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG written by hand (Pillow cannot write one)."""
+    h, w, _ = arr.shape
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+async def test_16_bit_colour_png_is_answered_in_8_bits(client):
+    """Pillow decodes 16-bit colour PNGs to 8 bits (16-bit grayscale keeps its depth, above)."""
+    data = png_16bit_rgb(np.random.default_rng(7).integers(0, 65536, (9, 11, 3), dtype=np.uint16))
+    r = await restore(client, data)
+    out = Image.open(io.BytesIO(r.content))
+    assert r.status_code == 200 and out.mode == "RGB"
+    assert (np.asarray(out) == np.asarray(Image.open(io.BytesIO(data)))).all()
+
+
 async def test_cmyk_jpeg_is_converted_to_rgb(client):
     cmyk = Image.fromarray(rand_image(16, 24, seed=5, channels=4), "CMYK")
     data = encoded(cmyk, "JPEG", quality=95)
