@@ -134,6 +134,8 @@ async def _outputs(job: Job, request: Request, service: Service) -> list:
         raise
     finally:
         watch.cancel()
+    if not job.future.done() and watch.done() and not watch.cancelled() and watch.exception() is not None:
+        return await job.future  # the connection cannot be watched (receive failed): wait for the answer alone
     if not job.future.done():
         service.batcher.cancel(job, Disconnected())
     return job.future.result()
