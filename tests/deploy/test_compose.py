@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from .test_dockerfile import settings_env_names
-from .tools import ROOT, clean_env, compose_binary, run
+from .tools import ROOT, broken_copy, clean_env, compose_binary, run
 
 COMPOSE = ROOT / "docker-compose.yml"
 CPU = ROOT / "docker" / "compose.cpu.yml"
@@ -57,11 +57,7 @@ def test_compose_config_is_valid(files, env):
     ],
 )
 def test_compose_config_rejects_a_broken_file(tmp_path, old, new, expect):
-    text = COMPOSE.read_text()
-    assert old in text
-    broken = tmp_path / "docker-compose.yml"
-    broken.write_text(text.replace(old, new, 1))
-    proc = compose(broken)
+    proc = compose(broken_copy(COMPOSE, tmp_path / "docker-compose.yml", old, new))
     assert proc.returncode != 0 and expect in proc.stdout, proc.stdout
 
 

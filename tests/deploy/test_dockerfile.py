@@ -15,7 +15,7 @@ import pytest
 from service.settings import Settings
 
 from .checks import dockerfile_instructions, dockerfile_problems, dockerignore_excluded, env_pairs
-from .tools import ROOT, binary, run
+from .tools import ROOT, broken_copy, binary, run
 
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 HADOLINT_CONFIG = ROOT / ".hadolint.yaml"
@@ -46,11 +46,7 @@ def test_hadolint_passes():
     ],
 )
 def test_hadolint_rejects_a_broken_dockerfile(tmp_path, old, new, expect):
-    text = DOCKERFILE.read_text()
-    assert old in text
-    broken = tmp_path / "Dockerfile"
-    broken.write_text(text.replace(old, new, 1))
-    proc = hadolint(broken)
+    proc = hadolint(broken_copy(DOCKERFILE, tmp_path / "Dockerfile", old, new))
     assert proc.returncode != 0 and expect in proc.stdout, proc.stdout
 
 

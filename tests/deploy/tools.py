@@ -87,3 +87,11 @@ def documents(text: str) -> list[dict]:
 
 def kind(docs: list[dict], name: str) -> list[dict]:
     return [d for d in docs if d.get("kind") == name]
+
+
+def broken_copy(source: Path, dest: Path, old: str, new: str) -> Path:
+    """Write `source` to `dest` with the first `old` replaced by `new` (which must be there to break)."""
+    text = source.read_text()
+    assert old in text, f"{old!r} not found in {source}: the negative test no longer breaks anything"
+    dest.write_text(text.replace(old, new, 1))
+    return dest
