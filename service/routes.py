@@ -108,7 +108,7 @@ async def _restore(task: str, request: Request, service: ServiceDep, fmt: str, q
             job = service.batcher.submit(task, plan, decoded.image, deadline, request.scope["request_id"])
         outputs = await _outputs(job, request, service)
         t2 = time.monotonic()
-        body = await service.in_codec_pool(_assemble_and_encode, job, outputs, decoded, fmt, quality)
+        body = await service.in_codec_pool(_assemble_and_encode, job, outputs, decoded, fmt, quality, s.png_effort)
         t3 = time.monotonic()
     assert job.started is not None and job.finished is not None
     timing = f"decode;dur={(t1 - t0) * 1e3:.1f}, queue;dur={(job.started - job.enqueued) * 1e3:.1f}, inference;dur={(job.finished - job.started) * 1e3:.1f}, encode;dur={(t3 - t2) * 1e3:.1f}"
@@ -120,8 +120,8 @@ def _decode_and_plan(service: Service, data: bytes) -> tuple[codec.Decoded, Any]
     return decoded, service.planner.plan(decoded.image)
 
 
-def _assemble_and_encode(job: Job, outputs: list, decoded: codec.Decoded, fmt: str, quality: int | None) -> bytes:
-    return codec.encode(job.plan.assemble(outputs), decoded, fmt, quality)
+def _assemble_and_encode(job: Job, outputs: list, decoded: codec.Decoded, fmt: str, quality: int | None, png_effort: str) -> bytes:
+    return codec.encode(job.plan.assemble(outputs), decoded, fmt, quality, png_effort)
 
 
 async def _outputs(job: Job, request: Request, service: Service) -> list:

@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     max_pixels: int = Field(25_000_000, ge=1)
     request_timeout_s: float = Field(60.0, gt=0)  # deadline before compute starts; a header may shorten it
     grace_period_s: float = Field(30.0, ge=0)
+    png_effort: Literal["fast", "small"] = "fast"  # fast: "up" filter (about 1 ms at 256x256); small: adaptive, 1-4 % smaller
     codec_threads: int = Field(max(2, min(8, os.cpu_count() or 2)), ge=1, le=64)
     torch_threads: int = Field(0, ge=0, le=1024)  # CPU intra-op threads for the model; 0 keeps torch's default
 

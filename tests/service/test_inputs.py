@@ -183,3 +183,17 @@ async def test_other_input_formats(client, fmt):
     data = encoded(Image.fromarray(arr), fmt.upper(), **({"lossless": True} if fmt == "webp" else {}))
     r = await restore(client, data, f"image/{fmt}")
     assert r.status_code == 200 and (decode(r.content) == arr).all()
+
+
+async def test_png_effort_setting_changes_the_file_not_the_pixels():
+    yy, xx = np.mgrid[0:96, 0:80]
+    smooth = np.stack([(xx * 3 + yy) % 256, (yy * 2) % 256, (xx + yy * 5) % 256], axis=2).astype(np.uint8)
+    bodies = {}
+    for effort in ("fast", "small"):
+        async with fake_app(png_effort=effort) as (client, _, _):
+            r = await restore(client, png(smooth))
+            assert r.status_code == 200, r.text
+            assert np.array_equal(decode(r.content), smooth)
+            bodies[effort] = r.content
+    assert bodies["small"] != bodies["fast"]
+    assert len(bodies["small"]) <= len(bodies["fast"])

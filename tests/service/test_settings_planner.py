@@ -44,6 +44,7 @@ def test_settings_from_the_environment(monkeypatch, tmp_path):
         ({"MPRNET_BATCH_MEGAPIXELS": "0.1"}, "MPRNET_BATCH_MEGAPIXELS=0.1"),
         ({"MPRNET_MAX_PIXELS": "900000000"}, "MPRNET_MAX_PIXELS=900000000"),
         ({"MPRNET_UI_ENABLED": "maybe"}, "MPRNET_UI_ENABLED='maybe'"),
+        ({"MPRNET_PNG_EFFORT": "max"}, "MPRNET_PNG_EFFORT='max'"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_variable_and_value(monkeypatch, env, named):
