@@ -77,7 +77,11 @@ def from_tensor(x: Tensor, meta: ImageMeta) -> np.ndarray | Image.Image:
     if meta.channels in (1, 2):
         y = y.mean(dim=0, keepdim=True)  # (1, H, W)
     # scaled and rounded in place (round half to even, as np.rint), then one cast to the caller's dtype
-    out = y.mul_(scale).round_().permute(1, 2, 0).numpy().astype(meta.dtype, order="C")  # (H, W, C)
+    y.mul_(scale).round_()
+    if meta.dtype == np.uint8:  # torch's cast and channel-last copy are about twice numpy's strided astype
+        out = y.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()  # (H, W, C)
+    else:
+        out = y.permute(1, 2, 0).numpy().astype(meta.dtype, order="C")
     if meta.alpha is not None:
         out = np.concatenate([out, meta.alpha[:, :, None]], axis=2)
     if meta.squeeze:
