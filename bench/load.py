@@ -10,6 +10,11 @@ is not the model or waiting for it (upload, decode, padding/tiling, blending, en
 run for the same mix (same planner, same batch size), so "throughput at saturation / raw model
 throughput" says what the service costs. Run it while nothing else uses the device.
 
+The client (`--client`) is by default `raw`: a minimal HTTP/1.1 keep-alive client on asyncio streams
+(`RawClient`), about 0.4 ms per round trip on the 2-core CPU of docs/performance.md, where httpx
+takes about 2 ms of the client's own CPU for the same request. Like perf_analyzer (C++), it keeps the
+client's cost out of what is reported as the server's overhead; `--client httpx` measures with httpx.
+
     python -m bench.load --spawn --weights model/weights --task denoise \\
         --sizes 256x256 --concurrency 1,2,4,8 --duration 20 --raw     # --weights tiny: a stated small model
     python -m bench.load --url http://127.0.0.1:8000 --task deblur --rate 2 --duration 30
@@ -30,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import httpx
 import numpy as np
@@ -78,21 +84,78 @@ def parse_server_timing(header: str | None) -> dict[str, float]:
     return out
 
 
-async def one(client: httpx.AsyncClient, url: str, body: bytes, pixels: int) -> Sample:
+@dataclass
+class RawResponse:
+    status_code: int
+    headers: dict[str, str]  # lower-case names
+    content: bytes
+
+
+class RawClient:
+    """The smallest HTTP/1.1 client that can drive the service: keep-alive connections from a pool,
+    Content-Length or chunked answers. Raises OSError (or asyncio.IncompleteReadError, a subclass of
+    EOFError) when a connection fails; a failed connection is dropped, not reused."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, int], list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for conns in self._idle.values():
+            for _, writer in conns:
+                writer.close()
+        self._idle.clear()
+
+    async def post(self, url: str, content: bytes, headers: dict[str, str]) -> RawResponse:
+        u = httpx.URL(url)
+        key = (u.host, u.port or 80)
+        pool = self._idle.setdefault(key, [])
+        reader, writer = pool.pop() if pool else await asyncio.open_connection(*key)
+        try:
+            head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            target = u.raw_path.decode("ascii")
+            writer.write(f"POST {target} HTTP/1.1\r\nhost: {u.host}\r\ncontent-length: {len(content)}\r\n{head}\r\n".encode("latin-1") + content)
+            status_line, *lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            got = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
+            if got.get("transfer-encoding", "").lower() == "chunked":
+                body = b""
+                while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                    body += (await reader.readexactly(size + 2))[:-2]
+                await reader.readuntil(b"\r\n")
+            else:
+                body = await reader.readexactly(int(got.get("content-length", "0")))
+        except BaseException:
+            writer.close()
+            raise
+        if got.get("connection", "").lower() == "close":
+            writer.close()
+        else:
+            pool.append((reader, writer))
+        return RawResponse(int(status_line.split()[1]), got, body)
+
+
+def make_client(kind: str, connections: int):
+    if kind == "raw":
+        return RawClient()
+    return httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
+
+
+async def one(client, url: str, body: bytes, pixels: int) -> Sample:
     start = time.perf_counter()
     try:
         r = await client.post(url, content=body, headers={"content-type": "image/png"})
         status, timing = r.status_code, parse_server_timing(r.headers.get("server-timing"))
-    except httpx.HTTPError:
+    except (httpx.HTTPError, OSError, EOFError):
         status, timing = 0, {}
     return Sample((time.perf_counter() - start) * 1000, status, timing, pixels)
 
 
-async def closed_loop(url: str, images: list[bytes], pixels: list[int], concurrency: int, duration: float, max_requests: int, on_start=None) -> tuple[list[Sample], float]:
+async def closed_loop(url: str, images: list[bytes], pixels: list[int], concurrency: int, duration: float, max_requests: int, on_start=None, client_kind: str = "raw") -> tuple[list[Sample], float]:
     """Returns the samples and the elapsed time (the warm-up requests excluded)."""
     samples: list[Sample] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with make_client(client_kind, concurrency) as client:
         # warm the connections and the server's queue once per client
         await asyncio.gather(*(one(client, url, images[i % len(images)], pixels[i % len(images)]) for i in range(concurrency)))
         if on_start:
@@ -111,9 +174,9 @@ async def closed_loop(url: str, images: list[bytes], pixels: list[int], concurre
         return samples, time.perf_counter() - start
 
 
-async def fixed_rate(url: str, images: list[bytes], pixels: list[int], rate: float, duration: float) -> tuple[list[Sample], float]:
+async def fixed_rate(url: str, images: list[bytes], pixels: list[int], rate: float, duration: float, client_kind: str = "raw") -> tuple[list[Sample], float]:
     samples: list[Sample] = []
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256)) as client:
+    async with make_client(client_kind, 256) as client:
         start, pending, n = time.perf_counter(), [], 0
         while (due := start + n / rate) < start + duration:
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
@@ -217,7 +280,7 @@ def codec_cpu_ms(images: list[bytes], repeats: int = 30) -> tuple[float, float]:
         dec += (time.thread_time() - start) / repeats
         start = time.thread_time()
         for _ in range(repeats):
-            codec.encode(plan.assemble(list(plan.inputs)), decoded, "png", None)  # identity output: the input's content
+            codec.encode(plan.assemble(list(plan.inputs)), decoded, "png", None, settings.png_effort)  # identity output: the input's content
         enc += (time.thread_time() - start) / repeats
     return 1000 * dec / len(images), 1000 * enc / len(images)
 
@@ -267,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-requests", type=int, default=2000, help="cap per level")
     ap.add_argument("--raw", action="store_true", help="measure the model alone first (before the server starts)")
     ap.add_argument("--raw-repeats", type=int, default=5)
+    ap.add_argument("--client", choices=["raw", "httpx"], default="raw", help="HTTP client: raw (minimal, about 0.4 ms per request) or httpx (about 2 ms)")
     args = ap.parse_args(argv)
 
     args.weights = tiny_weights(args.task) if args.weights == "tiny" else Path(args.weights)
@@ -291,12 +355,12 @@ def main(argv: list[str] | None = None) -> int:
         for c in [None] if args.rate else levels:
             mark = [device_seconds(url, args.task)]
             if c is None:
-                samples, elapsed = asyncio.run(fixed_rate(endpoint, images, pixels, args.rate, args.duration))
+                samples, elapsed = asyncio.run(fixed_rate(endpoint, images, pixels, args.rate, args.duration, args.client))
             else:
                 def reset(mark: list[float] = mark) -> None:  # once the warm-up requests are done
                     mark[0] = device_seconds(url, args.task)
 
-                samples, elapsed = asyncio.run(closed_loop(endpoint, images, pixels, c, args.duration, args.max_requests, reset))
+                samples, elapsed = asyncio.run(closed_loop(endpoint, images, pixels, c, args.duration, args.max_requests, reset, args.client))
             busy = device_seconds(url, args.task) - mark[0]
             rows.append(summarize(f"{args.rate:g} req/s" if c is None else f"C={c}", samples, elapsed, busy))
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
@@ -304,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; task {args.task}; sizes {args.sizes}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; task {args.task}; sizes {args.sizes}; client {args.client}")
     print(table(rows))
     dec, enc = codec_cpu_ms(images)
     print(f"\ncodec CPU per request, one thread, no load from this benchmark: decode+plan {dec:.1f} ms, assemble+PNG encode {enc:.1f} ms")

@@ -1,0 +1,78 @@
+"""bench/load.py's RawClient against a scripted HTTP/1.1 server: keep-alive, chunked, close."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bench.load import RawClient, one
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def scripted_server(answers: list[bytes]):
+    """Answers each request (read by its content-length) with the next canned response; records
+    (connection number, request line, body)."""
+    seen: list[tuple[int, str, bytes]] = []
+    conns = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal conns
+        conns += 1
+        me = conns
+        while answers:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            lines = head.decode().split("\r\n")
+            length = next(int(v) for k, _, v in (line.partition(":") for line in lines) if k.lower() == "content-length")
+            seen.append((me, lines[0], await reader.readexactly(length)))
+            answer = answers.pop(0)
+            writer.write(answer)
+            await writer.drain()
+            if b"connection: close" in answer:
+                break
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], seen
+
+
+async def test_keep_alive_chunked_and_close():
+    answers = [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nserver-timing: queue;dur=1.5, inference;dur=20.0\r\n\r\nhello",
+        b"HTTP/1.1 429 Too Many Requests\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n",
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    ]
+    server, port, seen = await scripted_server(answers)
+    url = f"http://127.0.0.1:{port}/restore/denoise?format=png"
+    async with server, RawClient() as client:
+        r1 = await client.post(url, content=b"IMAGE", headers={"content-type": "image/png"})
+        assert (r1.status_code, r1.content, r1.headers["server-timing"]) == (200, b"hello", "queue;dur=1.5, inference;dur=20.0")
+        r2 = await client.post(url, content=b"x" * 70000, headers={})
+        assert (r2.status_code, r2.content) == (429, b"abcde")
+        r3 = await client.post(url, content=b"", headers={})
+        assert r3.status_code == 503
+        r4 = await client.post(url, content=b"again", headers={})
+        assert (r4.status_code, r4.content) == (200, b"ok")
+    assert [s[1] for s in seen] == ["POST /restore/denoise?format=png HTTP/1.1"] * 4
+    assert [len(s[2]) for s in seen] == [5, 70000, 0, 5]
+    assert [s[0] for s in seen] == [1, 1, 1, 2]  # kept alive until the server said close
+
+
+async def test_one_records_timing_and_connection_failure():
+    server, port, _ = await scripted_server([b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nserver-timing: decode;dur=2.0, queue;dur=0.5\r\n\r\n"])
+    async with server, RawClient() as client:
+        ok = await one(client, f"http://127.0.0.1:{port}/restore/denoise", b"png", 16)
+    assert ok.status == 200 and ok.timing == {"decode": 2.0, "queue": 0.5} and ok.pixels == 16
+    async with RawClient() as client:  # the server is gone: a failed sample, not an exception
+        failed = await one(client, f"http://127.0.0.1:{port}/restore/denoise", b"png", 16)
+    assert failed.status == 0
