@@ -95,7 +95,7 @@ def _extensions():
     """Sub-commands that live in their own modules (train, evaluate), registered when present."""
     import importlib
 
-    for name in ("train", "evaluate"):
+    for name in ("train", "evaluate", "photos"):
         try:
             module = importlib.import_module(f"{__package__}.{name}")
         except ModuleNotFoundError as e:

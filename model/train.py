@@ -24,12 +24,23 @@ import numpy as np
 import torch
 
 from .arch import MPRNet
-from .checkpoint import save_safetensors
-from .data import HOLDOUT_PHOTOS, TRAIN_PHOTOS, PairedPatches, SyntheticPatches, batch, find_pairs, list_images, load_image, load_photos, multiscale
+from .checkpoint import CheckpointError, read_state_dict, save_safetensors
+from .data import (
+    HOLDOUT_PHOTOS,
+    TRAIN_PHOTOS,
+    PairedPatches,
+    SyntheticPatches,
+    batch,
+    find_pairs,
+    list_images,
+    load_image,
+    load_photos,
+    multiscale,
+)
 from .degrade import benchmark_degrade
 from .losses import mprnet_loss
 from .tiling import pad_to_multiple
-from .variants import TASKS
+from .variants import TASKS, config_from_state_dict
 
 VAL_SEED = 20210101  # validation images are degraded once, identically in every run
 
@@ -84,6 +95,18 @@ def model_config(args: argparse.Namespace) -> dict:
                 num_cab=args.num_cab, kernel_size=3, reduction=args.reduction, bias=False)
 
 
+def init_from(args: argparse.Namespace) -> None:
+    """--init: take the widths from the weights file (its shapes), overriding --n-feat and the rest."""
+    try:
+        config = config_from_state_dict(read_state_dict(args.init))
+    except (CheckpointError, KeyError, IndexError, ZeroDivisionError) as e:
+        raise SystemExit(f"mprnet train: --init {args.init}: {e}") from None
+    if config["in_c"] != 3 or config["out_c"] != 3 or config["kernel_size"] != 3 or config["bias"]:
+        raise SystemExit(f"mprnet train: --init {args.init}: only RGB, kernel 3, bias-free models train here, not {config}")
+    args.n_feat, args.scale_unet, args.scale_ors = config["n_feat"], config["scale_unetfeats"], config["scale_orsnetfeats"]
+    args.num_cab, args.reduction = config["num_cab"], config["reduction"]
+
+
 def train_source(args: argparse.Namespace):
     if args.pairs:
         return PairedPatches(find_pairs(args.pairs), args.patch)
@@ -130,7 +153,11 @@ def train(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
+    if args.init and not (args.resume and (out / "last.pt").exists()):
+        init_from(args)
     model = MPRNet(**model_config(args)).to(device)
+    if args.init and not (args.resume and (out / "last.pt").exists()):
+        model.load_state_dict(read_state_dict(args.init), strict=True)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     step, best, elapsed = 0, -math.inf, 0.0
     last = out / "last.pt"
@@ -221,6 +248,8 @@ def register_cli(sub) -> None:
     opt.add_argument("--val-every", type=int, default=250)
     opt.add_argument("--max-minutes", type=float, default=0.0, help="wall-clock budget (0: none); the lr decay follows it")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--init", help="fine-tune: start from these weights (any format mprnet loads; widths from the file) "
+                   "with a fresh optimizer and schedule; ignored when --resume finds OUT/last.pt")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (bf16 autocast on CUDA)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="forward pass under autocast; auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -97,3 +97,26 @@ def test_find_pairs_layouts(tmp_path):
     pairs = find_pairs(tmp_path)
     names = sorted(f"{a.parent.name}/{a.name}->{b.parent.name}/{b.name}" for a, b in pairs)
     assert names == ["0001/NOISY_SRGB_010.PNG->0001/GT_SRGB_010.PNG", "blur/a.png->sharp/a.png", "input/a.png->target/a.png"]
+
+
+def test_init_fine_tunes_from_a_weights_file_with_its_widths(tmp_path):
+    first = tmp_path / "first"
+    train(parse("--task", "denoise", "--out", str(first), "--steps", "2", "--val-every", "2"))
+    start = load_mprnet(first / "best.safetensors")
+    # --n-feat 12 is overridden by the file's widths (8); a near-zero lr leaves the weights as loaded
+    args = build_parser().parse_args(["train", "--task", "denoise", "--out", str(tmp_path / "tuned"), "--init", str(first / "best.safetensors"),
+                                      "--steps", "1", "--val-every", "1", "--lr", "1e-12", "--lr-min", "1e-12", "--warmup", "1", "--seed", "5",
+                                      *TINY_ARGS, "--n-feat", "12"])  # another seed: a fresh init would not match
+    train(args)
+    tuned = load_mprnet(tmp_path / "tuned" / "best.safetensors")
+    assert tuned.shallow_feat1[0].weight.shape[0] == 8
+    for (name, a), b in zip(start.state_dict().items(), tuned.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-3), name  # fp16 export of the same weights
+
+
+def test_init_refuses_a_file_that_is_not_mprnet(tmp_path):
+    bad = tmp_path / "bad.pt"
+    torch.save({"conv.weight": torch.zeros(3, 3, 3, 3)}, bad)
+    args = parse("--task", "denoise", "--out", str(tmp_path / "run"), "--init", str(bad), "--steps", "1")
+    with pytest.raises(SystemExit, match="--init"):
+        train(args)
