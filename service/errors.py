@@ -82,7 +82,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict]:
         413: "Upload or pixel count over the limit",
         415: "Unsupported content type or image format",
         422: "Invalid query or header value",
-        429: "Queue full; see Retry-After",
+        429: "Queue full, or too many uploads being received at once; see Retry-After",
         500: "Internal error (logged with the request id)",
         503: "Not ready, draining, or out of device memory; see Retry-After",
         504: "Deadline passed before processing started",

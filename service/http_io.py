@@ -1,9 +1,17 @@
 """The HTTP edges of a restore request: reading a capped body, multipart or raw, choosing the output
-format from `?format=` or `Accept`, and noticing a client that went away."""
+format from `?format=` or `Accept`, and noticing a client that went away.
+
+Bodies are held in memory from their first byte until the image is decoded. Each upload is capped
+(`MPRNET_MAX_UPLOAD_BYTES`), and so is their sum (`UploadBudget`, `MPRNET_MAX_INFLIGHT_UPLOAD_BYTES`):
+without it, many slow or large uploads at once could take all the memory before the queue limits,
+which count decoded pixels, ever see them. An upload that does not fit is answered 429 at once
+(from its Content-Length when declared, else as soon as its bytes overflow the budget).
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -11,7 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive
 
 from .codec import OUTPUTS
-from .errors import Disconnected, ServiceError
+from .errors import Disconnected, ServiceError, retry_after
 
 RAW_TYPES = ("image/", "application/octet-stream")
 
@@ -34,26 +42,83 @@ def check_content_type(request: Request) -> str:
     )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed `limit` (before it is all read)."""
+class UploadBudget:
+    """Bytes of request bodies being received or waiting to be decoded, summed over all requests.
+
+    Used only from the event loop thread, so plain arithmetic is safe.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> None:
+        if self.used + n > self.limit:
+            raise ServiceError(
+                429, "uploads_busy",
+                f"The server is receiving {self.used:,} bytes of other uploads; with this one's {n:,} more that is over its limit of "
+                f"{self.limit:,} bytes. Retry shortly.",
+                retry_after(1),
+            )
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+class _Held:
+    """The bytes one request holds in an `UploadBudget`."""
+
+    def __init__(self, budget: UploadBudget | None) -> None:
+        self.budget = budget
+        self.bytes = 0
+
+    def grow_to(self, n: int) -> None:
+        if self.budget is not None and n > self.bytes:
+            self.budget.take(n - self.bytes)
+            self.bytes = n
+
+    def release(self) -> None:
+        if self.budget is not None:
+            self.budget.give(self.bytes)
+        self.bytes = 0
+
+
+async def read_body(request: Request, limit: int, held: _Held | None = None) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed `limit` (before it is all read),
+    and with 429 when `held`'s budget cannot take it."""
+    held = held or _Held(None)
     declared = request.headers.get("content-length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        raise too_large(limit, f"{int(declared):,}")
+    if declared is not None and declared.strip().isdigit():
+        if int(declared) > limit:
+            raise too_large(limit, f"{int(declared):,}")
+        held.grow_to(int(declared))  # the whole upload is reserved before its first byte is read
     body = bytearray()
     try:
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
                 raise too_large(limit, f"over {limit:,}")
+            held.grow_to(len(body))  # chunked uploads (or a short Content-Length) reserve as they come
     except ClientDisconnect:
         raise Disconnected() from None
     return bytes(body)
 
 
-async def image_bytes(request: Request, limit: int) -> bytes:
+@contextlib.asynccontextmanager
+async def image_upload(request: Request, limit: int, budget: UploadBudget | None = None) -> AsyncIterator[bytes]:
+    """The image bytes (see `image_bytes`), counted in `budget` until the block exits (after decoding)."""
+    held = _Held(budget)
+    try:
+        yield await image_bytes(request, limit, held)
+    finally:
+        held.release()
+
+
+async def image_bytes(request: Request, limit: int, held: _Held | None = None) -> bytes:
     """The image from a multipart field `image` or from the raw body."""
     kind = check_content_type(request)
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, held)
     if kind == "raw":
         return body
 

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
 RATIOS = (0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 0.9, 1)
-REJECT_REASONS = ("queue_full", "deadline", "disconnected", "draining", "not_ready", "too_large", "oom", "bad_input", "unsupported", "unauthorized")
+REJECT_REASONS = ("queue_full", "uploads_busy", "deadline", "disconnected", "draining", "not_ready", "too_large", "oom", "bad_input", "unsupported", "unauthorized")
 
 
 class Metrics:
@@ -33,6 +33,7 @@ class Metrics:
         self.megapixels = Counter("mprnet_megapixels_processed", "Image megapixels restored", ["task"], registry=r)
         self.padding_waste = Histogram("mprnet_padding_waste_ratio", "Per request: share of computed pixels that were padding or tile overlap", ["task"], buckets=RATIOS, registry=r)
         self.rejected = Counter("mprnet_rejected", "Requests refused, shed or dropped, by reason", ["task", "reason"], registry=r)
+        self.uploads = Gauge("mprnet_upload_bytes_in_flight", "Bytes of request bodies being received or waiting to be decoded", registry=r)
         self.model_ready = Gauge("mprnet_model_ready", "1 when the task's model is loaded and warm", ["task"], registry=r)
         self.gpu_allocated = Gauge("mprnet_gpu_memory_allocated_bytes", "Device memory held by tensors", ["device"], registry=r)
         self.gpu_reserved = Gauge("mprnet_gpu_memory_reserved_bytes", "Device memory reserved by the caching allocator", ["device"], registry=r)

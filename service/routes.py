@@ -17,14 +17,14 @@ from model.variants import PAPER_TASKS
 from . import codec
 from .batcher import Job
 from .errors import DeadlineExceeded, Disconnected, ServiceError, error_responses
-from .http_io import image_bytes, output_format, wait_for_disconnect
+from .http_io import image_upload, output_format, wait_for_disconnect
 from .runtime import Service
 
 router = APIRouter()
 _bearer = HTTPBearer(auto_error=False, description="Needed only when the server sets MPRNET_API_TOKEN")
 # error code -> reason label of mprnet_rejected_total
 _REASONS = {"queue_full": "queue_full", "deadline": "deadline", "disconnected": "disconnected", "draining": "draining", "not_ready": "not_ready",
-            "too_large": "too_large", "out_of_memory": "oom", "bad_input": "bad_input", "unsupported": "unsupported", "not_acceptable": "unsupported"}
+            "too_large": "too_large", "uploads_busy": "uploads_busy", "out_of_memory": "oom", "bad_input": "bad_input", "unsupported": "unsupported", "not_acceptable": "unsupported"}
 
 
 def get_service(request: Request) -> Service:
@@ -96,16 +96,17 @@ async def _restore(task: str, request: Request, service: ServiceDep, fmt: str, q
     with service.admitted(task):  # 503 while draining; a drain waits for everything inside
         service.check_ready(task)
         service.batcher.admit(task)  # a full queue answers 429 before the upload is read
-        data = await image_bytes(request, s.max_upload_bytes)
-        deadline = request.scope["arrived"] + min(timeout or s.request_timeout_s, s.request_timeout_s)
-        t0 = time.monotonic()
-        with service.batcher.arriving(task):
-            decoded, plan = await service.in_codec_pool(_decode_and_plan, service, data)
-            t1 = time.monotonic()
-            if t1 >= deadline:
-                raise DeadlineExceeded(t1 - request.scope["arrived"])
-            # submit inside `arriving`: no await between, so an open batch never misses this request
-            job = service.batcher.submit(task, plan, decoded.image, deadline, request.scope["request_id"])
+        # the upload's bytes count against MPRNET_MAX_INFLIGHT_UPLOAD_BYTES until it is decoded and queued
+        async with image_upload(request, s.max_upload_bytes, service.uploads) as data:
+            deadline = request.scope["arrived"] + min(timeout or s.request_timeout_s, s.request_timeout_s)
+            t0 = time.monotonic()
+            with service.batcher.arriving(task):
+                decoded, plan = await service.in_codec_pool(_decode_and_plan, service, data)
+                t1 = time.monotonic()
+                if t1 >= deadline:
+                    raise DeadlineExceeded(t1 - request.scope["arrived"])
+                # submit inside `arriving`: no await between, so an open batch never misses this request
+                job = service.batcher.submit(task, plan, decoded.image, deadline, request.scope["request_id"])
         outputs = await _outputs(job, request, service)
         t2 = time.monotonic()
         body = await service.in_codec_pool(_assemble_and_encode, job, outputs, decoded, fmt, quality, s.png_effort)

@@ -16,6 +16,7 @@ import torch
 
 from .batcher import MicroBatcher
 from .errors import Draining, ServiceError
+from .http_io import UploadBudget
 from .metrics import Metrics
 from .models import TaskModel
 from .planner import Planner
@@ -36,6 +37,8 @@ class Service:
         device = next(iter(models.values())).device
         self.worker = DeviceWorker({t: m.runner for t, m in models.items()}, device, settings.torch_threads or torch.get_num_threads())
         self.metrics.watch_device(device)
+        self.uploads = UploadBudget(settings.max_inflight_upload_bytes)
+        self.metrics.uploads.set_function(lambda: self.uploads.used)
         self.batcher = MicroBatcher(
             self.tasks,
             self.worker.run,

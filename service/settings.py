@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     queue_max_megapixels: float = Field(100.0, gt=0)
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(25_000_000, ge=1)
+    max_inflight_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)  # bodies received or awaiting decode, all requests together
     request_timeout_s: float = Field(60.0, gt=0)  # deadline before compute starts; a header may shorten it
     grace_period_s: float = Field(30.0, ge=0)
     png_effort: Literal["fast", "small"] = "fast"  # fast: "up" filter (about 1 ms at 256x256); small: adaptive, 1-4 % smaller
@@ -143,6 +144,11 @@ class Settings(BaseSettings):
         if self.batch_megapixels is not None and largest > self.batch_megapixels * MEGA:
             raise ValueError(
                 f"MPRNET_BATCH_MEGAPIXELS={self.batch_megapixels}: smaller than one {largest / MEGA:.3f} MP bucket or tile; raise it or shrink buckets/tiles"
+            )
+        if self.max_inflight_upload_bytes < self.max_upload_bytes:
+            raise ValueError(
+                f"MPRNET_MAX_INFLIGHT_UPLOAD_BYTES={self.max_inflight_upload_bytes}: smaller than MPRNET_MAX_UPLOAD_BYTES={self.max_upload_bytes}, "
+                "so an upload of the allowed size could never be received"
             )
         if self.max_pixels > self.queue_max_megapixels * MEGA:
             raise ValueError(
