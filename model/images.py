@@ -1,5 +1,9 @@
 """Images in and out of the network's format: (3, H, W) float32 RGB in [0, 1].
 
+`to_tensor(image, keep_uint8=True)` leaves 8-bit pixels as a (3, H, W) uint8 tensor instead (the
+service moves them to the device like that, a quarter of float32's bytes, and scales them there), and
+`from_tensor` takes such a uint8 result as well as a float one.
+
 Accepted: numpy arrays H x W, H x W x 1, H x W x 3 or H x W x 4 of uint8 or uint16, and PIL images
 (L, LA, RGB, RGBA, P, CMYK, I;16 and friends). The result comes back as the same kind of object with
 the same size, channels and bit depth (and the same PIL mode; palette images get a new adaptive
@@ -47,8 +51,28 @@ def _pil_to_array(img: Image.Image) -> tuple[np.ndarray, str]:
     return np.asarray(img.convert("RGB")), mode
 
 
-def to_tensor(image: np.ndarray | Image.Image) -> tuple[Tensor, ImageMeta]:
-    """Image -> ((3, H, W) float32 tensor in [0, 1], meta to undo the conversion)."""
+def to_uint8(x: Tensor) -> Tensor:
+    """Float in [0, 1], any shape and device -> uint8 on that device: clamped, scaled by 255 and rounded
+    half to even (as np.rint). Every 8-bit answer of this package is rounded this way, so the device
+    paths give the same pixels as converting the float result on the CPU."""
+    return x.clamp(0, 1).mul_(255).round_().to(torch.uint8)
+
+
+def to_float(x: Tensor) -> Tensor:
+    """uint8 pixel values -> float32 in [0, 1] on x's device (a new tensor); float stays as it is, as float32."""
+    if x.dtype == torch.uint8:
+        return x.float().div_(255)
+    if not x.is_floating_point():
+        raise TypeError(f"expected uint8 pixel values or float in [0, 1], got {x.dtype}")
+    return x.float()
+
+
+def to_tensor(image: np.ndarray | Image.Image, keep_uint8: bool = False) -> tuple[Tensor, ImageMeta]:
+    """Image -> ((3, H, W) float32 tensor in [0, 1], meta to undo the conversion).
+
+    With `keep_uint8`, an 8-bit image comes back as a (3, H, W) uint8 tensor of its pixel values (no
+    scaling); 16-bit images are float32 either way, as uint8 cannot hold them.
+    """
     pil_mode = None
     if isinstance(image, Image.Image):
         image, pil_mode = _pil_to_array(image)
@@ -63,25 +87,23 @@ def to_tensor(image: np.ndarray | Image.Image) -> tuple[Tensor, ImageMeta]:
     channels = arr.shape[2]
     alpha = arr[:, :, -1].copy() if channels in (2, 4) else None
     color = arr[:, :, :3] if channels >= 3 else arr[:, :, :1]
-    # One float buffer, filled and scaled in place: large images need no float temporaries.
-    x = torch.empty((3, arr.shape[0], arr.shape[1]), dtype=torch.float32)
+    meta = ImageMeta(arr.dtype, channels, squeeze, alpha, pil_mode)
+    as_uint8 = keep_uint8 and arr.dtype == np.uint8
+    # One buffer, filled (and for float scaled in place): large images need no float temporaries.
+    x = torch.empty((3, arr.shape[0], arr.shape[1]), dtype=torch.uint8 if as_uint8 else torch.float32)
     np.copyto(x.numpy(), color.transpose(2, 0, 1))  # (C, H, W) view; gray broadcasts to 3 channels
-    x.div_(_MAX[arr.dtype])
-    return x, ImageMeta(arr.dtype, channels, squeeze, alpha, pil_mode)
+    if not as_uint8:
+        x.div_(_MAX[arr.dtype])
+    return x, meta
 
 
 def from_tensor(x: Tensor, meta: ImageMeta) -> np.ndarray | Image.Image:
-    """(3, H, W) tensor in [0, 1] -> the caller's kind of image (same dtype, channels and mode)."""
-    scale = _MAX[meta.dtype]
-    y = x.detach().to("cpu", torch.float32).clamp(0, 1)  # a new (3, H, W) buffer, never the caller's
-    if meta.channels in (1, 2):
-        y = y.mean(dim=0, keepdim=True)  # (1, H, W)
-    # scaled and rounded in place (round half to even, as np.rint), then one cast to the caller's dtype
-    y.mul_(scale).round_()
-    if meta.dtype == np.uint8:  # torch's cast and channel-last copy are about twice numpy's strided astype
-        out = y.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()  # (H, W, C)
+    """(3, H, W) tensor in [0, 1], or uint8 pixel values -> the caller's kind of image (same dtype, channels
+    and mode). A uint8 tensor gives the same image as its float equivalent x / 255 would."""
+    if x.dtype == torch.uint8 and meta.dtype == np.uint8:
+        out = _uint8_to_array(x.detach().to("cpu"), meta.channels)
     else:
-        out = y.permute(1, 2, 0).numpy().astype(meta.dtype, order="C")
+        out = _float_to_array(to_float(x), meta)  # 8-bit pixels for a 16-bit answer go through float too
     if meta.alpha is not None:
         out = np.concatenate([out, meta.alpha[:, :, None]], axis=2)
     if meta.squeeze:
@@ -89,6 +111,27 @@ def from_tensor(x: Tensor, meta: ImageMeta) -> np.ndarray | Image.Image:
     if meta.pil_mode is None:
         return out
     return _array_to_pil(out, meta.pil_mode)
+
+
+def _uint8_to_array(y: Tensor, channels: int) -> np.ndarray:
+    """(3, H, W) uint8 on the CPU -> a new (H, W, 3) array, or (H, W, 1) grey for a 1- or 2-channel caller."""
+    if channels in (1, 2):
+        # the float path's round(255 * mean): a sum of three levels over 3 is never a tie, so (sum + 1) // 3
+        total = y.sum(dim=0, keepdim=True, dtype=torch.int16)
+        y = total.add_(1).div_(3, rounding_mode="floor").to(torch.uint8)
+    return y.permute(1, 2, 0).clone(memory_format=torch.contiguous_format).numpy()  # a copy even when already (H, W, C)
+
+
+def _float_to_array(x: Tensor, meta: ImageMeta) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> a new (H, W, C) array of the caller's dtype, C 1 for grey callers."""
+    y = x.detach().to("cpu", torch.float32).clamp(0, 1)  # a new (3, H, W) buffer, never the caller's
+    if meta.channels in (1, 2):
+        y = y.mean(dim=0, keepdim=True)  # (1, H, W)
+    # scaled and rounded in place (round half to even, as np.rint), then one cast to the caller's dtype
+    y.mul_(_MAX[meta.dtype]).round_()
+    if meta.dtype == np.uint8:  # torch's cast and channel-last copy are about twice numpy's strided astype
+        return y.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()  # (H, W, C)
+    return y.permute(1, 2, 0).numpy().astype(meta.dtype, order="C")
 
 
 def _array_to_pil(out: np.ndarray, mode: str) -> Image.Image:

@@ -20,6 +20,8 @@ from torch import Tensor
 
 from .arch import MULTIPLE_OF
 
+_CPU_PADDED_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
 
 def ceil_to(n: int, multiple: int = MULTIPLE_OF) -> int:
     return -(-n // multiple) * multiple
@@ -52,11 +54,11 @@ def pad_to(x: Tensor, height: int, width: int) -> Tensor:
         x = x.unsqueeze(0)
     if x.shape[-2] > height or x.shape[-1] > width:
         raise ValueError(f"cannot pad {tuple(x.shape[-2:])} down to {(height, width)}")
-    # reflect/replicate pads need float input on the CPU; integer images are padded as float
-    dtype = x.dtype
-    y = x if x.is_floating_point() else x.float()
-    y = _pad_dim(_pad_dim(y, -2, height - x.shape[-2]), -1, width - x.shape[-1])
-    y = y.to(dtype)
+    # torch's CPU reflect/replicate pads take uint8 (the service's 8-bit images) and signed integers
+    # as they are; uint16, bool and integers elsewhere go through float (exact below 2**24).
+    native = x.is_floating_point() or (x.device.type == "cpu" and x.dtype in _CPU_PADDED_INTS)
+    y = x if native else x.float()
+    y = _pad_dim(_pad_dim(y, -2, height - x.shape[-2]), -1, width - x.shape[-1]).to(x.dtype)
     return y.squeeze(0) if squeeze else y
 
 

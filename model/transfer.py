@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .images import to_float, to_uint8
 from .tiling import ceil_to, pad_to
 
 LAYOUTS = ("BHWC", "BCHW")
@@ -77,12 +78,12 @@ class Uint8Transfer:
         """uint8 batch on the device -> restored uint8 batch of the same layout and shape, on the device."""
         _, h, w = (x.shape[0], x.shape[1], x.shape[2]) if layout == "BHWC" else (x.shape[0], x.shape[2], x.shape[3])
         f = x.permute(0, 3, 1, 2) if layout == "BHWC" else x  # (B, 3, H, W); channels-last strides for BHWC
-        f = f.float().div_(255)
+        f = to_float(f)
         hp, wp = ceil_to(h), ceil_to(w)
         if (hp, wp) != (h, w):
             f = pad_to(f, hp, wp)  # reflect, then replicate: the same padding as the float path
         y = self.core(f)[:, :, :h, :w]  # (B, 3, H, W) float32 in [0, 1], valid until the next pass
-        y = y.mul(255).round_().to(torch.uint8)  # same rounding as images.from_tensor (np.rint)
+        y = to_uint8(y)  # same rounding as images.from_tensor (np.rint)
         return y.permute(0, 2, 3, 1).contiguous() if layout == "BHWC" else y.contiguous()
 
     def submit(self, pixels: np.ndarray | Tensor, layout: str | None = None) -> Pending:

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from model.images import from_tensor, to_tensor
+from model.images import from_tensor, to_float, to_tensor, to_uint8
 from model.inference import Restorer, TileSettings, resolve_device, resolve_precision
 from model.tiling import pad_to, pad_to_multiple
 
@@ -146,6 +146,46 @@ def test_to_tensor_contract():
     assert isinstance(from_tensor(x, meta), np.ndarray)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "1", "CMYK", "I;16"])
+def test_uint8_tensors_stand_for_their_float_equivalent(mode):
+    """keep_uint8 keeps 8-bit pixels as they are; from_tensor answers a uint8 result as it would x / 255."""
+    if mode == "I;16":
+        image = Image.fromarray(_random((9, 14), np.uint16))
+    else:
+        image = Image.fromarray(_random((9, 14, 4)), "RGBA").convert(mode)
+    x8, meta8 = to_tensor(image, keep_uint8=True)
+    xf, metaf = to_tensor(image)
+    eight_bit = mode != "I;16"
+    assert x8.shape == (3, 9, 14) and x8.is_contiguous() and x8.dtype == (torch.uint8 if eight_bit else torch.float32)
+    assert xf.dtype == torch.float32 and torch.equal(to_float(x8), xf) and meta8.pil_mode == metaf.pil_mode == mode
+    restored = to_uint8(Wild()(xf)[0])  # any 8-bit result, as the service's device path hands it over
+    out8, outf = from_tensor(restored, meta8), from_tensor(to_float(restored), meta8)
+    assert out8.mode == outf.mode == mode and np.array_equal(np.asarray(out8), np.asarray(outf))
+
+
+def test_grey_from_uint8_rounds_like_the_float_mean():
+    """A grey caller's answer is the mean of three channels: the uint8 path's integer rounding must match
+    round(255 * mean) of the float path for every triple of levels."""
+    levels = torch.arange(256, dtype=torch.uint8)
+    g, b = torch.meshgrid(levels, levels, indexing="ij")
+    meta = to_tensor(np.zeros((1, 1), np.uint8))[1]
+    for r in range(0, 256, 5):
+        x = torch.stack([torch.full_like(g, r), g, b])  # (3, 256, 256): every (g, b) with this r
+        assert np.array_equal(from_tensor(x, meta), from_tensor(to_float(x), meta)), r
+
+
+def test_uint8_results_are_copied_and_rounded_half_to_even():
+    x, meta = to_tensor(np.full((1, 1, 3), 7, np.uint8), keep_uint8=True)
+    out = from_tensor(x, meta)
+    out[0, 0, 0] = 0
+    assert x[0, 0, 0] == 7  # the answer is a new array, also when the tensor is already (H, W, C)-contiguous
+    values = torch.tensor([-0.5, 0.0, 0.5 / 255, 1.5 / 255, 2.5 / 255, 0.5, 254.5 / 255, 1.0, 3.0])
+    expected = np.rint(np.clip(values.numpy(), 0, 1) * np.float32(255))
+    assert to_uint8(values).tolist() == expected.tolist()
+    with pytest.raises(TypeError, match="uint8 pixel values or float"):
+        to_float(torch.zeros(3, dtype=torch.int32))
+
+
 # ---------------------------------------------------------------- sizes and padding
 
 
@@ -180,6 +220,17 @@ def test_pad_batch_and_integer_tensors():
     assert torch.equal(y[..., 5, :6], x[..., 3, :6])  # reflected row
     with pytest.raises(ValueError):
         pad_to(x, 4, 8)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 5), (5, 1), (2, 3), (5, 6), (9, 40)])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.uint16])
+def test_integer_padding_gives_the_float_paths_pixels(size, dtype):
+    """uint8 (the service's 8-bit images) is padded as it is, uint16 through float: the same pixels either way."""
+    x = torch.randint(0, 256, (3, *size)).to(dtype)
+    for height, width in [(8, 8), (64, 48), (size[0], 40)]:
+        y = pad_to(x, max(height, size[0]), max(width, size[1]))
+        assert y.dtype == dtype
+        assert torch.equal(y.long(), pad_to(x.float(), *y.shape[1:]).long())
 
 
 def test_restore_pads_the_model_input_by_reflection(photo):
