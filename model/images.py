@@ -53,8 +53,12 @@ def _pil_to_array(img: Image.Image) -> tuple[np.ndarray, str]:
 
 def to_uint8(x: Tensor) -> Tensor:
     """Float in [0, 1], any shape and device -> uint8 on that device: clamped, scaled by 255 and rounded
-    half to even (as np.rint). Every 8-bit answer of this package is rounded this way, so the device
-    paths give the same pixels as converting the float result on the CPU."""
+    half to even (as np.rint); uint8 stays as it is. Every 8-bit answer of this package is rounded this
+    way, so the device paths give the same pixels as converting the float result on the CPU."""
+    if x.dtype == torch.uint8:
+        return x
+    if not x.is_floating_point():
+        raise TypeError(f"expected float in [0, 1] or uint8 pixel values, got {x.dtype}")
     return x.clamp(0, 1).mul_(255).round_().to(torch.uint8)
 
 

@@ -182,8 +182,10 @@ def test_uint8_results_are_copied_and_rounded_half_to_even():
     values = torch.tensor([-0.5, 0.0, 0.5 / 255, 1.5 / 255, 2.5 / 255, 0.5, 254.5 / 255, 1.0, 3.0])
     expected = np.rint(np.clip(values.numpy(), 0, 1) * np.float32(255))
     assert to_uint8(values).tolist() == expected.tolist()
-    with pytest.raises(TypeError, match="uint8 pixel values or float"):
-        to_float(torch.zeros(3, dtype=torch.int32))
+    assert torch.equal(to_uint8(to_uint8(values)), to_uint8(values)) and torch.equal(to_float(to_float(values)), values)
+    for convert in (to_float, to_uint8):
+        with pytest.raises(TypeError, match="uint8 pixel values"):
+            convert(torch.zeros(3, dtype=torch.int32))
 
 
 # ---------------------------------------------------------------- sizes and padding
