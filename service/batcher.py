@@ -41,11 +41,12 @@ Replan = Callable[[Tensor, Plan], Plan | None]
 
 @dataclass(eq=False)
 class Job:
-    """One admitted request. `future` resolves to its N outputs (3, h, w), in item order, or an error."""
+    """One admitted request. `future` resolves to its N outputs (3, h, w), in item order (uint8 for an 8-bit
+    image, float32 otherwise: see service/worker.py), or an error."""
 
     task: str
     plan: Plan
-    image: Tensor  # (3, H, W), kept for the out-of-memory re-plan
+    image: Tensor  # (3, H, W) as decoded (uint8 or float32), kept for the out-of-memory re-plan
     deadline: float  # time.monotonic() by which compute must have started
     request_id: str = "-"
     enqueued: float = field(default_factory=time.monotonic)

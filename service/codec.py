@@ -41,8 +41,8 @@ _OTHER_MAGIC = {b"%PDF": "PDF", b"<svg": "SVG", b"<?xm": "SVG/XML", b"8BPS": "PS
 
 @dataclass
 class Decoded:
-    image: Tensor  # (3, H, W) float32 RGB in [0, 1]
-    meta: ImageMeta  # how to turn the RGB result back into the input's mode
+    image: Tensor  # (3, H, W) RGB: uint8 pixel values for 8-bit images, float32 in [0, 1] for 16-bit ones
+    meta: ImageMeta  # how to turn the RGB result back into the input's mode, depth, alpha and palette
     icc: bytes | None
     exif: bytes | None
     format: str  # what the input was, e.g. "PNG"
@@ -82,7 +82,11 @@ def _open(data: bytes) -> Image.Image:
 
 
 def decode(data: bytes, max_pixels: int) -> Decoded:
-    """Bytes -> RGB tensor + what is needed to answer in kind. Raises ServiceError 400/413/415."""
+    """Bytes -> RGB tensor + what is needed to answer in kind. Raises ServiceError 400/413/415.
+
+    8-bit images (also palette, bilevel and converted CMYK ones) stay uint8: they travel to the device
+    as a quarter of float32's bytes and are scaled there (service/worker.py).
+    """
     if not data:
         raise bad_input("The request body is empty; send an image.")
     img = _open(data)
@@ -108,7 +112,7 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
         img = _cmyk_to_rgb(img, icc)
         icc = None  # the pixels are sRGB now; a CMYK profile would misdescribe them
     try:
-        tensor, meta = to_tensor(img)
+        tensor, meta = to_tensor(img, keep_uint8=True)
     except (TypeError, ValueError) as e:
         raise unsupported(f"Images of mode {img.mode} are not supported ({e}).") from None
     return Decoded(tensor, meta, icc, exif, fmt, frames)
@@ -133,7 +137,8 @@ def to_8bit(img: Image.Image) -> Image.Image:
 
 
 def encode(restored: Tensor, decoded: Decoded, fmt: str, quality: int | None, png_effort: str = "fast") -> bytes:
-    """(3, H, W) restored tensor -> bytes in `fmt` (png, jpeg or webp), in the input's mode where possible."""
+    """(3, H, W) restored tensor (uint8 pixel values or float in [0, 1]) -> bytes in `fmt` (png, jpeg or
+    webp), in the input's mode where possible."""
     if fmt == "png" and decoded.meta.pil_mode in FAST_PNG_MODES:
         pixels = from_tensor(restored, replace(decoded.meta, pil_mode=None))  # (H, W[, C]) uint8 or uint16
         assert isinstance(pixels, np.ndarray)

@@ -7,6 +7,12 @@ smallest bucket edge (or the tile size) that holds it, so a 4000x8 strip costs 8
 warm up (or capture) before the service reports ready. Items of the same shape batch together,
 whichever request they come from; `Plan.assemble` blends a request's outputs back with the model
 package's `TileAssembler`.
+
+Images keep their dtype through padding and tiling: 8-bit images are uint8 pixel values (the worker
+scales them to float on the device and rounds the outputs back to uint8 there), 16-bit ones float32
+in [0, 1]. Tiled uint8 outputs are blended in float, so they were rounded to 8 bits before blending:
+a weighted mean of values each within half a level of the network's output is within half a level of
+blending the float outputs, and once rounded at most one level (1 LSB) from that answer.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from model.images import to_float
 from model.tiling import TileAssembler, TilePlan, ceil_to, extract_tiles, pad_to, plan_tiles
 
 MIN_TILE = 32  # out-of-memory fallback stops halving tiles here
@@ -23,12 +30,12 @@ MIN_TILE = 32  # out-of-memory fallback stops halving tiles here
 
 @dataclass(frozen=True)
 class Plan:
-    """How one (3, height, width) image runs: `inputs` (N, 3, *shape), all of one static shape."""
+    """How one (3, height, width) image runs: `inputs` (N, 3, *shape), all of one static shape and the image's dtype."""
 
     height: int
     width: int
     shape: tuple[int, int]  # (h, w) of every item
-    inputs: Tensor  # (N, 3, h, w) float32 in [0, 1]
+    inputs: Tensor  # (N, 3, h, w): uint8 pixel values, or float32 in [0, 1]
     tiles: TilePlan | None  # None: one item, the image padded to a bucket
 
     def __len__(self) -> int:
@@ -44,7 +51,12 @@ class Plan:
         return 1.0 - self.height * self.width / self.computed_pixels
 
     def assemble(self, outputs: Sequence[Tensor]) -> Tensor:
-        """N outputs (3, h, w) in item order -> the (3, height, width) image (CPU work: run it off the event loop)."""
+        """N outputs (3, h, w) in item order -> the (3, height, width) image (CPU work: run it off the event loop).
+
+        One item is cropped and keeps its dtype (uint8 stays uint8). Tiles are blended in float: uint8
+        tiles are scaled to [0, 1] first and the result is float32 (see the module docstring for the
+        at most 1 LSB this costs).
+        """
         item = tuple(self.inputs.shape[1:])
         if len(outputs) != len(self) or any(tuple(o.shape) != item for o in outputs):
             raise ValueError(f"expected {len(self)} outputs of shape {item}, got {[tuple(o.shape) for o in outputs]}")
@@ -52,7 +64,7 @@ class Plan:
             return outputs[0][:, : self.height, : self.width]
         out = TileAssembler(self.tiles, channels=item[0], device=outputs[0].device)
         for i in range(len(self)):
-            out.add(i, outputs[i])
+            out.add(i, to_float(outputs[i]))
         return out.result()[:, : self.height, : self.width]
 
 
@@ -77,7 +89,7 @@ class Planner:
         return self.tile_size if n > self.tile_size else next(e for e in self.edges if e >= n)
 
     def plan(self, image: Tensor) -> Plan:
-        """(3, H, W) float image -> its items: one bucket-padded image, or tiles."""
+        """(3, H, W) uint8 or float image -> its items, of its dtype: one bucket-padded image, or tiles."""
         _, h, w = image.shape
         for bh, bw in self.buckets:
             if h <= bh and w <= bw:

@@ -10,6 +10,7 @@ import anyio
 import pytest
 import torch
 
+from model.images import to_float
 from service.batcher import MicroBatcher
 from service.errors import DeadlineExceeded, Disconnected, InferenceFailed, OutOfMemory, QueueFull
 from service.metrics import Metrics
@@ -240,17 +241,20 @@ async def test_out_of_memory_splits_the_batch_and_every_request_still_succeeds()
     assert [len(batch) for batch in model.batches] == [1, 4, 2, 2]
 
 
-async def test_out_of_memory_on_one_image_falls_back_to_smaller_tiles():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])  # 16- and 8-bit images
+async def test_out_of_memory_on_one_image_falls_back_to_smaller_tiles(dtype):
     planner = Planner(((64, 64),), tile_size=64, overlap=16)
     model = FakeModel(oom_over(40 * 40))  # a 64x64 item never fits, 32x32 tiles do
-    image = torch.rand(3, 50, 60)
+    image = torch.rand(3, 50, 60) if dtype == torch.float32 else torch.randint(0, 256, (3, 50, 60), dtype=torch.uint8)
     async with batcher(model, planner=planner) as b:
         p = planner.plan(image)
         job = b.submit("a", p, image, FAR)
         with anyio.fail_after(10):
             outs = await job.future
     assert job.plan.shape == (32, 32) and len(outs) == len(job.plan) > 1
-    assert torch.allclose(job.plan.assemble(outs), image, atol=1e-6)  # identity model: the image comes back
+    assert job.plan.inputs.dtype == dtype and all(o.dtype == dtype for o in outs)  # re-planned and answered in kind
+    assert all(batch.dtype == torch.float32 and 0 <= batch.min() and batch.max() <= 1 for batch in model.batches)
+    assert torch.allclose(to_float(job.plan.assemble(outs)), to_float(image), atol=1e-6)  # identity model: the image comes back
 
 
 async def test_out_of_memory_even_in_the_smallest_tiles_answers_that_request_only():
