@@ -7,8 +7,9 @@ throughput, end-to-end latency p50/p95/p99, the server's own queue and inference
 is not the model or waiting for it (upload, decode, padding/tiling, blending, encode, download).
 
 `--raw` first measures the model alone, in this process, on exactly the items the service would
-run for the same mix (same planner, same batch size), so "throughput at saturation / raw model
-throughput" says what the service costs. Run it while nothing else uses the device.
+run for the same mix (same planner, same batch size, 8-bit items moved and converted by the service's
+device worker as in the service), so "throughput at saturation / raw model throughput" says what the
+service costs. Run it while nothing else uses the device.
 
 The client (`--client`) is by default `raw`: a minimal HTTP/1.1 keep-alive client on asyncio streams
 (`RawClient`), about 0.4 ms per round trip on the 2-core CPU of docs/performance.md, where httpx
@@ -233,6 +234,7 @@ def raw_throughput(weights: Path, task: str, sizes: list[tuple[int, int]], max_r
     from model.inference import Restorer
     from service.planner import Planner
     from service.settings import Settings
+    from service.worker import DeviceWorker
 
     settings = Settings()  # the same MPRNET_* environment as the spawned server
     if settings.torch_threads:
@@ -240,20 +242,24 @@ def raw_throughput(weights: Path, task: str, sizes: list[tuple[int, int]], max_r
     path = weights / f"{task}.safetensors" if weights.is_dir() else weights
     restorer = Restorer(load_mprnet(path), device=settings.device, precision=settings.precision)
     planner = Planner(settings.buckets, settings.tile_size, settings.tile_overlap)
-    items = [planner.plan(torch.rand(3, h, w)).inputs for w, h in sizes]  # (N, 3, h, w) per request
+    worker = DeviceWorker({task: restorer}, restorer.device)  # its batch path: uint8 up, scaled and rounded on the device
+    pixels = torch.Generator().manual_seed(0)
+    # (N, 3, h, w) uint8 per request, as the service decodes and plans a PNG of that size
+    items = [planner.plan(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=pixels)).inputs for w, h in sizes]
     best = 0.0
     for n in sorted({1 << i for i in range(max_requests.bit_length()) if 1 << i <= max_requests} | {max_requests}):
         seconds = []
         for x in items:
             group = x.repeat(n, 1, 1, 1)  # n requests' worth of this size's items
             step = min(settings.max_batch_size, max(1, int(settings.batch_pixels(restorer.device.type) // (x.shape[2] * x.shape[3]))))
-            restorer.run_batch(group[:step])  # warm
+            worker.run_sync(task, group[:step].unbind(0))  # warm
             start = time.perf_counter()
             for _ in range(repeats):
                 for i in range(0, len(group), step):
-                    restorer.run_batch(group[i : i + step])
+                    worker.run_sync(task, group[i : i + step].unbind(0))
             seconds.append((time.perf_counter() - start) / repeats / n)
         best = max(best, 1.0 / float(np.mean(seconds)))
+    worker.close()
     return best
 
 
