@@ -78,6 +78,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raw = _torch_load(path)
     if isinstance(raw, Mapping) and "state_dict" in raw and isinstance(raw["state_dict"], Mapping):
         raw = raw["state_dict"]  # the authors' training checkpoint format
+    elif isinstance(raw, Mapping) and isinstance(raw.get("model"), Mapping) and "optimizer" in raw:
+        raw = raw["model"]  # `mprnet train`'s last.pt / best.pt (model, optimizer, step, RNG states)
     if not isinstance(raw, Mapping) or not raw:
         raise CheckpointError(f"{path} holds {type(raw).__name__}, not a state dict of tensors")
     bad = [k for k, v in raw.items() if not isinstance(v, torch.Tensor)]

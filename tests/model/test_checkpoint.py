@@ -74,6 +74,22 @@ def test_pth_formats_load(tmp_path, tiny, make):
     _assert_same_weights(load_mprnet(path), tiny)
 
 
+def test_our_training_checkpoints_load(tmp_path, tiny):
+    """`mprnet train`'s last.pt / best.pt: `mprnet evaluate --weights runs/x/last.pt` works."""
+    import argparse
+
+    import numpy as np
+
+    from model.train import save_checkpoint
+
+    args = argparse.Namespace(n_feat=TINY["n_feat"], scale_unet=TINY["scale_unetfeats"], scale_ors=TINY["scale_orsnetfeats"],
+                              num_cab=TINY["num_cab"], reduction=TINY["reduction"])
+    opt = torch.optim.Adam(tiny.parameters(), lr=2e-4)
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, tiny, opt, 10, 25.0, 1.0, np.random.default_rng(0), args)
+    _assert_same_weights(load_mprnet(path), tiny)
+
+
 def test_legacy_non_zip_torch_format_loads(tmp_path, tiny):
     path = tmp_path / "legacy.pth"
     torch.save({"state_dict": _plain_sd(tiny)}, path, _use_new_zipfile_serialization=False)
