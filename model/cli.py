@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("restore", help="restore image files or folders")
     p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--weights", help="checkpoint (.pth of the release, plain state dict, or .safetensors); default: bundled")
+    p.add_argument("--weights", help="checkpoint (.pth of the release, plain state dict, .safetensors, or mprnet train's last.pt / best.pt); default: bundled")
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("-o", "--output", required=True, help="output file (one input) or folder (same names)")
     _add_runtime_args(p)
