@@ -74,7 +74,10 @@ def validation_set(args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.T
         return [(to_t(center_crop(load_image(a), args.val_crop)), to_t(center_crop(load_image(b), args.val_crop))) for a, b in find_pairs(args.val_pairs)]
     clean = [load_image(p) for p in list_images(args.val_clean)] if args.val_clean else load_photos(HOLDOUT_PHOTOS)
     clean = [center_crop(c, args.val_crop) for c in clean]
-    return [(to_t(benchmark_degrade(args.task, c, VAL_SEED + i)), to_t(c)) for i, c in enumerate(clean)]
+    # Repeat r degrades every image again with seeds VAL_SEED + i + 1000 r: more blur kernels / rain
+    # patterns per photo, so a handful of photos can still rank checkpoints (repeat 0 is the default set).
+    return [(to_t(benchmark_degrade(args.task, c, VAL_SEED + i + 1000 * r)), to_t(c))
+            for r in range(args.val_repeats) for i, c in enumerate(clean)]
 
 
 @torch.no_grad()
@@ -230,6 +233,8 @@ def register_cli(sub) -> None:
     data.add_argument("--val-pairs", help="paired validation folder")
     data.add_argument("--val-clean", help="clean validation folder (degraded with a fixed seed)")
     data.add_argument("--val-crop", type=int, default=256, help="centre crop of validation images (0: whole)")
+    data.add_argument("--val-repeats", type=int, default=1, help="degrade each clean validation image this many times, "
+                      "each with its own seed (more kernels per photo for deblur; ignored with --val-pairs)")
     arch = p.add_argument_group("architecture")
     arch.add_argument("--n-feat", type=int, default=16)
     arch.add_argument("--scale-unet", type=int, default=8)
@@ -260,6 +265,8 @@ def register_cli(sub) -> None:
 def _main(args: argparse.Namespace) -> int:
     if args.patch % 8:
         raise SystemExit("mprnet train: --patch must be a multiple of 8")
+    if args.val_repeats < 1:
+        raise SystemExit("mprnet train: --val-repeats must be at least 1")
     try:
         MPRNet(**model_config(args))
     except ValueError as e:  # e.g. a reduction that does not divide a width

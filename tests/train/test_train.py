@@ -12,7 +12,7 @@ from model.checkpoint import load_mprnet
 from model.cli import build_parser
 from model.data import SyntheticPatches, augment, batch, find_pairs, load_photos
 from model.losses import charbonnier, edge_loss, laplacian, mprnet_loss
-from model.train import lr_at, train, train_step
+from model.train import lr_at, train, train_step, validation_set
 from model.variants import TINY
 
 TINY_ARGS = ["--n-feat", "8", "--scale-unet", "4", "--scale-ors", "4", "--num-cab", "1", "--batch", "2", "--patch", "32", "--val-crop", "48", "--quiet", "--threads", "1"]
@@ -120,3 +120,21 @@ def test_init_refuses_a_file_that_is_not_mprnet(tmp_path):
     args = parse("--task", "denoise", "--out", str(tmp_path / "run"), "--init", str(bad), "--steps", "1")
     with pytest.raises(SystemExit, match="--init"):
         train(args)
+
+
+def test_validation_repeats_add_new_degradations_of_the_same_photos():
+    one = validation_set(parse("--task", "deblur", "--out", "unused"))
+    three = validation_set(parse("--task", "deblur", "--out", "unused", "--val-repeats", "3"))
+    assert len(one) == 3 and len(three) == 9
+    for (low, high), (low3, high3) in zip(one, three[:3]):  # repeat 0 is the default set, unchanged
+        assert torch.equal(low, low3) and torch.equal(high, high3)
+    for i in range(3):  # the same clean crop, blurred with another kernel each time
+        assert torch.equal(three[i][1], three[i + 3][1]) and torch.equal(three[i][1], three[i + 6][1])
+        assert not torch.equal(three[i][0], three[i + 3][0]) and not torch.equal(three[i + 3][0], three[i + 6][0])
+
+
+def test_val_repeats_must_be_positive(capsys):
+    from model.train import _main
+
+    with pytest.raises(SystemExit, match="--val-repeats must be at least 1"):
+        _main(parse("--task", "deblur", "--out", "unused", "--val-repeats", "0"))
