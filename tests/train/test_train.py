@@ -133,7 +133,7 @@ def test_validation_repeats_add_new_degradations_of_the_same_photos():
         assert not torch.equal(three[i][0], three[i + 3][0]) and not torch.equal(three[i + 3][0], three[i + 6][0])
 
 
-def test_val_repeats_must_be_positive(capsys):
+def test_val_repeats_must_be_positive():
     from model.train import _main
 
     with pytest.raises(SystemExit, match="--val-repeats must be at least 1"):
