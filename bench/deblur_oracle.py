@@ -1,7 +1,7 @@
 """How much could deblurring gain on the evaluation set? A non-blind oracle for context.
 
 `mprnet evaluate --task deblur` blurs each held-out photo with a random kernel drawn with a fixed
-seed (model/degrade.py, model/evaluate.py). This script regenerates those same kernels and
+seed (model/training/degrade.py, model/training/evaluate.py). This script regenerates those same kernels and
 restores each image with Wiener deconvolution *given the true kernel* and the noise-to-signal
 ratio that scores best against the clean photo: two things a blind restorer never knows. It
 prints, per image, the kernel's extent, the PSNR of the blurred input and of the oracle, and the
@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio
 
-from model.degrade import random_blur_kernel
-from model.evaluate import EVAL_SEED, load_set, quantize
+from model.training.degrade import random_blur_kernel
+from model.training.evaluate import EVAL_SEED, load_set, quantize
 
 NSR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 

@@ -97,9 +97,9 @@ def _extensions():
 
     for name in ("train", "evaluate", "photos"):
         try:
-            module = importlib.import_module(f"{__package__}.{name}")
+            module = importlib.import_module(f"{__package__}.training.{name}")
         except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{name}":
+            if e.name != f"{__package__}.training.{name}":
                 raise
             continue
         yield module.register_cli

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from .app import create_app
 from .middleware import RequestIdFilter
-from .models import StartupError
+from .loading import StartupError
 from .runtime import Service
 from .settings import Settings, settings_error, unknown_variables
 

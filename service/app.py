@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from .errors import install_handlers
 from .middleware import RequestContext
-from .models import TaskModel, load_models
+from .loading import TaskModel, load_models
 from .routes import router
 from .runtime import Service
 from .settings import Settings

@@ -18,7 +18,7 @@ from .batcher import MicroBatcher
 from .errors import Draining, ServiceError
 from .http_io import UploadBudget
 from .metrics import Metrics
-from .models import TaskModel
+from .loading import TaskModel
 from .planner import Planner
 from .settings import MEGA, Settings
 from .worker import DeviceWorker

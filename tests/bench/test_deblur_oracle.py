@@ -4,7 +4,7 @@ import numpy as np
 import skimage.data
 
 from bench.deblur_oracle import kernel_extent, oracle, wiener
-from model.degrade import blur, linear_motion_kernel
+from model.training.degrade import blur, linear_motion_kernel
 
 
 def psnr(a, b):

@@ -80,7 +80,7 @@ def test_our_training_checkpoints_load(tmp_path, tiny):
 
     import numpy as np
 
-    from model.train import save_checkpoint
+    from model.training.train import save_checkpoint
 
     args = argparse.Namespace(n_feat=TINY["n_feat"], scale_unet=TINY["scale_unetfeats"], scale_ors=TINY["scale_orsnetfeats"],
                               num_cab=TINY["num_cab"], reduction=TINY["reduction"])

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from service.app import create_app
-from service.models import TaskModel
+from service.loading import TaskModel
 from service.settings import Settings
 from tests.live_server import TEST_ENV, tiny_weights
 

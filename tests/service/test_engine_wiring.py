@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from model.engine import Engine, MemoryUse
 from service.metrics import Metrics
-from service.models import StartupError, load_task
+from service.loading import StartupError, load_task
 from service.runtime import Service
 from service.worker import DeviceWorker
 from tests.live_server import metric_value, tiny_weights

@@ -17,7 +17,7 @@ from PIL import Image
 from model.images import from_tensor, to_float, to_tensor, to_uint8
 from service import codec
 from service.app import create_app
-from service.models import load_task
+from service.loading import load_task
 from service.planner import Planner
 from service.worker import DeviceWorker
 from tests.service.conftest import FakeModel, decode, fake_app, png, rand_image, running, test_settings, wait_ready

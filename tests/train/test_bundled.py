@@ -5,9 +5,9 @@ from safetensors import safe_open
 
 from model.bundled import bundled_weights
 from model.checkpoint import load_mprnet
-from model.data import HOLDOUT_PHOTOS, load_photos
-from model.degrade import benchmark_degrade
-from model.evaluate import model_restorer, quantize, scores
+from model.training.data import HOLDOUT_PHOTOS, load_photos
+from model.training.degrade import benchmark_degrade
+from model.training.evaluate import model_restorer, quantize, scores
 
 # Gains measured on this crop are well above these floors (see model/weights/*.md); the floors
 # only guard against shipping broken or swapped weights.

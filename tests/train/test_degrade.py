@@ -1,9 +1,9 @@
-"""The synthetic degradations match their published spec (model/degrade.py docstring)."""
+"""The synthetic degradations match their published spec (model/training/degrade.py docstring)."""
 
 import numpy as np
 import pytest
 
-from model import degrade as D
+from model.training import degrade as D
 
 
 def flat(value=0.5, size=128):

