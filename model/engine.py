@@ -332,10 +332,14 @@ class Engine(Restorer):
 
     def warm_shapes(self) -> list[Shape]:
         """The static shapes prepared so far, in the order they were prepared."""
-        return list(self._memory)
+        return list(self.memory_report())
 
     def memory_report(self) -> dict[Shape, MemoryUse]:
-        """(batch, height, width) -> memory measured at its warm-up (None on the CPU)."""
+        """(batch, height, width) -> memory measured at its warm-up (None on the CPU).
+
+        A copy: the device thread adds shapes during warm-up while GET /tasks reads them from another
+        thread. `dict(d)` of a plain dict copies in one step under the GIL (no Python code runs in it).
+        """
         return dict(self._memory)
 
     def describe(self) -> dict:
@@ -354,7 +358,7 @@ class Engine(Restorer):
                     "retained_bytes": m.retained_bytes,
                     "warmup_s": round(m.warmup_s, 3),
                 }
-                for (b, h, w), m in self._memory.items()
+                for (b, h, w), m in self.memory_report().items()
             ],
         }
 

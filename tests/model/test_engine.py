@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from model.arch import MPRNet
-from model.engine import Engine, EngineSettings, configure_compile_cache, static_batch_sizes
+from model.engine import Engine, EngineSettings, MemoryUse, configure_compile_cache, static_batch_sizes
 from model.images import from_tensor, to_tensor
 from model.inference import Restorer
 from model.transfer import infer_layout
@@ -132,6 +132,25 @@ def test_warm_up_covers_every_static_shape_and_reports_memory(fake_compile):
     assert len(described["shapes"]) == len(expected) + 3
     with pytest.raises(ValueError, match="multiples of 8"):
         engine.warmup([(15, 16)])
+
+
+def test_describe_reads_a_snapshot_while_warm_up_adds_shapes(fake_compile):
+    """GET /tasks describes the engine while the device thread adds warm shapes: no 'dictionary changed size'."""
+    engine = Engine(Invert(), device="cpu", precision="fp32", settings=EngineSettings(compile="default", max_batch=2))
+    engine.warmup([(8, 8)])
+
+    class GrowsOnRead(MemoryUse):
+        """Reading a field adds a shape, as the device thread would between two steps of the iteration."""
+
+        def __getattribute__(self, name):
+            if name == "peak_bytes":
+                engine._memory[(1, 8, 8 * (len(engine._memory) + 1))] = MemoryUse(None, None)
+            return super().__getattribute__(name)
+
+    engine._memory[(2, 16, 16)] = GrowsOnRead(None, None)
+    shapes = engine.describe()["shapes"]
+    assert [(s["batch"], s["height"], s["width"]) for s in shapes] == [(1, 8, 8), (2, 8, 8), (2, 16, 16)]
+    assert len(engine.memory_report()) == 4  # the shape added meanwhile shows the next time
 
 
 def test_an_eager_engine_warms_each_shape_once_at_batch_one():
@@ -252,6 +271,6 @@ def test_cuda_uint8_submissions_overlap_and_match_the_synchronous_result():
     eager, fast = _cuda_pair(compile="off", cuda_graphs=True)
     batches = [_pixels(4, 30, 32, 3) for _ in range(3)]
     pending = [fast.submit_uint8(b) for b in batches]  # queued back to back
-    for b, p in zip(batches, pending):
+    for b, p in zip(batches, pending, strict=True):
         assert np.abs(p.result().astype(int) - fast.run_uint8(b).astype(int)).max() <= 1  # same graph, same input
         assert np.abs(p.result().astype(int) - eager.run_uint8(b).astype(int)).max() <= 2  # bf16, graph vs eager kernels
