@@ -81,7 +81,7 @@ async def restore(
     timeout: Annotated[float | None, Header(alias="X-Request-Timeout", gt=0, le=86400, description="Seconds before compute must start; can only shorten the server's default")] = None,
 ) -> Response:
     """Restore one image with the task's model; the answer is the image in the same size and mode."""
-    if task not in service.loading:
+    if task not in service.models:
         raise ServiceError(404, "unknown_task", f"Unknown task {task!r}; this server restores: {', '.join(service.tasks)}.")
     try:
         return await _restore(task, request, service, output_format(format, request.headers.get("accept")), quality, timeout)
