@@ -36,6 +36,37 @@ def env_pairs(args: str) -> dict[str, str]:
     return dict(p.split("=", 1) for p in parts)
 
 
+def _substitute(value: str, variables: dict[str, str]) -> str:
+    """Docker's ${NAME} / $NAME expansion (the forms the Dockerfile uses) with `variables`."""
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: variables.get(m.group(1) or m.group(2), ""), value)
+
+
+def stage_env(text: str, build_args: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment the final stage's image carries: its ENV values with its ARGs expanded
+    (`build_args` as `docker build --build-arg` passes them, else each ARG's default)."""
+    ins = dockerfile_instructions(text)
+    froms = [i for i, (word, _) in enumerate(ins) if word == "FROM"]
+    args, env = {}, {}
+    for word, rest in ins[froms[-1] if froms else 0 :]:
+        if word == "ARG":
+            key, _, default = rest.partition("=")
+            args[key] = (build_args or {}).get(key, default)
+        elif word == "ENV":
+            env.update({k: _substitute(v, {**args, **env}) for k, v in env_pairs(rest).items()})
+    return env
+
+
+def _apt_packages(runs: list[str]) -> set[str]:
+    """Package names that `apt-get install` lines in these RUN instructions install."""
+    names = set()
+    for run in runs:
+        for part in re.split(r"&&|;|\|\|", run):
+            words = part.split()
+            if words[:2] == ["apt-get", "install"] or words[:2] == ["apt", "install"]:
+                names.update(w.split("=")[0] for w in words[2:] if not w.startswith("-"))
+    return names
+
+
 def _exec_form(args: str) -> list[str] | None:
     try:
         value = json.loads(args)
@@ -61,12 +92,15 @@ def dockerfile_problems(text: str, torch_pin: str) -> list[str]:
         problems.append(f"ARG TORCH_VERSION={args.get('TORCH_VERSION')!r} differs from pyproject's torch=={torch_pin}")
     if "TORCH_INDEX_URL" not in args:
         problems.append("no ARG TORCH_INDEX_URL to pick the CUDA (or CPU) wheel index")
-    env = {}
-    for word, rest in final:
-        if word == "ENV":
-            env.update(env_pairs(rest))
-    if env.get("NVIDIA_VISIBLE_DEVICES") is None:
-        problems.append("runtime stage does not set NVIDIA_VISIBLE_DEVICES")
+    env = stage_env(text)
+    if env.get("NVIDIA_VISIBLE_DEVICES") != "all":
+        got = env.get("NVIDIA_VISIBLE_DEVICES")
+        problems.append(f"the GPU image (default build arguments) must set NVIDIA_VISIBLE_DEVICES=all, got {got!r}")
+    if stage_env(text, {"NVIDIA_VISIBLE_DEVICES": "void"}).get("NVIDIA_VISIBLE_DEVICES") != "void":
+        problems.append("NVIDIA_VISIBLE_DEVICES must come from a build argument, so the CPU image can say void")
+    packages = _apt_packages([rest for word, rest in final if word == "RUN"])
+    if not packages & {"gcc", "clang", "build-essential"} or not packages & {"g++", "clang", "build-essential"}:
+        problems.append("the runtime stage installs no C and C++ compiler: torch.compile (Triton, inductor) needs them")
     if set((env.get("NVIDIA_DRIVER_CAPABILITIES") or "").split(",")) < {"compute", "utility"}:
         problems.append("NVIDIA_DRIVER_CAPABILITIES must include compute,utility")
     if env.get("MPRNET_HOST") != "0.0.0.0":

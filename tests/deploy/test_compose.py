@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .test_dockerfile import settings_env_names
+from .checks import stage_env
+from .test_dockerfile import DOCKERFILE, settings_env_names
 from .tools import ROOT, broken_copy, clean_env, compose_binary, run
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -70,10 +71,13 @@ def test_gpu_reservation_only_without_the_cpu_override():
     gpu = config(COMPOSE)["services"]["mprnet"]
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert "/whl/cu" in gpu["build"]["args"]["TORCH_INDEX_URL"]
+    assert not gpu["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    assert stage_env(DOCKERFILE.read_text(), gpu["build"]["args"])["NVIDIA_VISIBLE_DEVICES"] == "all"
     cpu = config(COMPOSE, CPU)["services"]["mprnet"]
     assert "devices" not in json.dumps(cpu.get("deploy") or {})
     assert cpu["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    # the CPU image must not claim the node's GPUs where NVIDIA's runtime is the default
+    assert stage_env(DOCKERFILE.read_text(), cpu["build"]["args"])["NVIDIA_VISIBLE_DEVICES"] == "void"
     assert cpu["environment"]["MPRNET_DEVICE"] == "cpu"
     assert cpu["image"] != gpu["image"], "CPU and GPU builds must not overwrite each other's image tag"
 

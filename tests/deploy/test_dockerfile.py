@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from service.settings import Settings
 
-from .checks import dockerfile_instructions, dockerfile_problems, dockerignore_excluded, env_pairs
+from .checks import dockerfile_instructions, dockerfile_problems, dockerignore_excluded, env_pairs, stage_env
 from .tools import ROOT, broken_copy, binary, run
 
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -66,6 +67,10 @@ def test_container_contract():
         ("/livez", "/readyz", "HEALTHCHECK"),
         ('CMD ["python", "-c"', 'CMD ["curl", "-c"', "HEALTHCHECK"),
         ("STOPSIGNAL SIGTERM", "STOPSIGNAL SIGKILL", "STOPSIGNAL"),
+        ("ARG NVIDIA_VISIBLE_DEVICES=all", "ARG NVIDIA_VISIBLE_DEVICES=void", "NVIDIA_VISIBLE_DEVICES=all"),
+        ("NVIDIA_VISIBLE_DEVICES=${NVIDIA_VISIBLE_DEVICES}", "NVIDIA_VISIBLE_DEVICES=all", "build argument"),
+        ("gcc g++ libc6-dev", "libc6-dev", "C and C++ compiler"),
+        ("gcc g++ libc6-dev", "gcc libc6-dev", "C and C++ compiler"),
     ],
 )
 def test_container_contract_catches_a_broken_dockerfile(old, new, expect):
@@ -73,6 +78,15 @@ def test_container_contract_catches_a_broken_dockerfile(old, new, expect):
     assert old in text
     problems = dockerfile_problems(text.replace(old, new, 1), torch_pin())
     assert any(expect in p for p in problems), problems
+
+
+def test_compile_threads_cap_is_what_inductor_reads():
+    """The image caps inductor's compile workers by a variable inductor really reads."""
+    value = stage_env(DOCKERFILE.read_text())["TORCHINDUCTOR_COMPILE_THREADS"]
+    assert int(value) >= 1
+    code = "import torch._inductor.config as c; print(c.compile_threads)"
+    proc = run([sys.executable, "-c", code], env={**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": value}, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == value, proc.stdout
 
 
 def test_settings_in_the_image_are_real_settings():

@@ -1,0 +1,138 @@
+"""The image's Python dependency set exists: every torch build the repository names is one PyTorch
+publishes, and the default build's whole dependency set resolves against the package index for the
+image's Python and platform, wheels only, the way docker/Dockerfile installs it (torch from
+TORCH_INDEX_URL, then the project). A missing wheel fails here, not in a user's `docker build`.
+
+The resolution needs the network (`pip install --dry-run --report`, metadata only): an index that
+cannot be reached from here is skipped, and the skip says which build went unchecked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tomllib
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .checks import dockerfile_instructions
+from .test_dockerfile import DOCKERFILE, torch_pin
+from .tools import ROOT, run
+
+PYPI = "https://pypi.org/simple"
+PYTHON_VERSION = "3.12"  # the image's base, python:3.12-slim-trixie
+GLIBC_MINOR = 41  # Debian 13 (trixie) has glibc 2.41: the image runs manylinux_2_5 .. manylinux_2_41 wheels
+# The builds PyTorch publishes for each release, from its release notes: torch 2.12 and 2.13 have no
+# CUDA 12.8 build. A new torch pin needs its row here, checked against those notes.
+PUBLISHED = {"2.13.0": {"cpu", "cu126", "cu130"}}
+# Where install lines name an index: the image, the compose files, the README and the deployment guide.
+NAMED_IN = [DOCKERFILE, ROOT / "docker-compose.yml", *sorted((ROOT / "docker").glob("compose.*.yml"))]
+NAMED_IN += [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+INDEX_URL = re.compile(r"https://(?:download\.pytorch\.org/whl/[A-Za-z0-9.]+|pypi\.org/simple)\b")
+
+
+def named_indexes() -> dict[str, list[str]]:
+    """Every torch wheel index the repository names: {url: [files naming it]}."""
+    found: dict[str, list[str]] = {}
+    for path in NAMED_IN:
+        for url in INDEX_URL.findall(path.read_text()):
+            found.setdefault(url, []).append(str(path.relative_to(ROOT)))
+    return found
+
+
+def default_index() -> str:
+    args = dict(rest.split("=", 1) for word, rest in dockerfile_instructions(DOCKERFILE.read_text()) if word == "ARG" and "=" in rest)
+    return args["TORCH_INDEX_URL"]
+
+
+def build_name(url: str) -> str:
+    """cu126, cpu, ... for PyTorch's indexes; PyPI's Linux x86-64 wheel is the CUDA 13.0 build."""
+    return "cu130" if url == PYPI else url.rstrip("/").rsplit("/", 1)[1]
+
+
+def unpublished(urls: list[str], pin: str) -> list[str]:
+    builds = PUBLISHED.get(pin)
+    if builds is None:
+        return [f"torch {pin} has no row in PUBLISHED: check which builds PyTorch publishes for it"]
+    return [url for url in urls if build_name(url) not in builds]
+
+
+def test_every_named_torch_build_is_published():
+    named = named_indexes()
+    assert default_index() in named, "the Dockerfile's default TORCH_INDEX_URL is not a torch index"
+    bad = unpublished(sorted(named), torch_pin())
+    assert bad == [], {url: named.get(url) for url in bad}
+
+
+def test_published_check_catches_cu128():
+    assert unpublished(["https://download.pytorch.org/whl/cu128", PYPI], "2.13.0") == ["https://download.pytorch.org/whl/cu128"]
+    assert "no row" in unpublished([PYPI], "9.9.9")[0]
+
+
+# --- the resolution -----------------------------------------------------------------------------------
+
+
+def platform_args() -> list[str]:
+    """pip matches --platform tags exactly: name every manylinux tag the image's glibc runs."""
+    tags = [f"manylinux_2_{minor}_x86_64" for minor in range(5, GLIBC_MINOR + 1)]
+    tags += ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
+    return [arg for tag in tags for arg in ("--platform", tag)]
+
+
+def project_requirements(with_torch: bool) -> list[str]:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return [d for d in deps if with_torch or not re.match(r"torch\b", d)]
+
+
+def reachable(url: str) -> str | None:
+    """None when the index answers, else why not."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/torch/", timeout=15) as answer:
+            answer.read(1)
+    except (urllib.error.URLError, OSError) as err:
+        return str(getattr(err, "reason", err))
+    return None
+
+
+def resolve(index: str, requirements: list[str], report: Path) -> list[dict]:
+    """`pip install --dry-run --report` for the image's Python and platform, wheels only, against
+    `index` alone (this machine's pip configuration, local wheel folders included, is left out)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report)]
+    # metadata through HTTP range requests where the index does not serve it on its own (no wheel download)
+    cmd += ["--use-feature=fast-deps", "--only-binary=:all:", "--python-version", PYTHON_VERSION, "--implementation", "cp"]
+    cmd += [*platform_args(), "--index-url", index, *requirements]
+    proc = run(cmd, env=env, timeout=600)
+    assert proc.returncode == 0, f"the image's dependency set does not resolve against {index}:\n{proc.stdout[-4000:]}"
+    return json.loads(report.read_text())["install"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", sorted(named_indexes()), ids=build_name)
+def test_image_dependency_set_resolves(index, tmp_path):
+    why = reachable(index)
+    if why is not None:
+        pytest.skip(f"{index} cannot be reached from here ({why}): the {build_name(index)} build's dependency set is unchecked")
+    pin = torch_pin()
+    if index == PYPI:  # both of the Dockerfile's steps install from PyPI: one resolution is both
+        installs = resolve(PYPI, project_requirements(with_torch=True), tmp_path / "all.json")
+    else:
+        installs = resolve(index, [f"torch=={pin}"], tmp_path / "torch.json")
+        if reachable(PYPI) is not None:
+            pytest.skip(f"{PYPI} cannot be reached from here: the project's own dependencies are unchecked")
+        installs += resolve(PYPI, project_requirements(with_torch=False), tmp_path / "project.json")
+    versions = {normalized(i["metadata"]["name"]): i["metadata"]["version"] for i in installs}
+    assert versions["torch"].split("+")[0] == pin
+    assert all(i["download_info"]["url"].endswith(".whl") for i in installs)
+    wanted = {normalized(re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0]) for r in project_requirements(with_torch=True)}
+    assert wanted <= set(versions), wanted - set(versions)
+
+
+def normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
