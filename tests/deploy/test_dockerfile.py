@@ -16,7 +16,7 @@ import pytest
 from service.settings import Settings
 
 from .checks import dockerfile_instructions, dockerfile_problems, dockerignore_excluded, env_pairs, stage_env
-from .tools import ROOT, broken_copy, binary, run
+from .tools import ROOT, binary, broken_copy, run
 
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 HADOLINT_CONFIG = ROOT / ".hadolint.yaml"

@@ -46,8 +46,8 @@ def named_indexes() -> dict[str, list[str]]:
 
 
 def default_index() -> str:
-    args = dict(rest.split("=", 1) for word, rest in dockerfile_instructions(DOCKERFILE.read_text()) if word == "ARG" and "=" in rest)
-    return args["TORCH_INDEX_URL"]
+    instructions = dockerfile_instructions(DOCKERFILE.read_text())
+    return dict(rest.split("=", 1) for word, rest in instructions if word == "ARG" and "=" in rest)["TORCH_INDEX_URL"]
 
 
 def build_name(url: str) -> str:
@@ -70,7 +70,8 @@ def test_every_named_torch_build_is_published():
 
 
 def test_published_check_catches_cu128():
-    assert unpublished(["https://download.pytorch.org/whl/cu128", PYPI], "2.13.0") == ["https://download.pytorch.org/whl/cu128"]
+    cu128 = "https://download.pytorch.org/whl/cu128"
+    assert unpublished([cu128, PYPI], "2.13.0") == [cu128]
     assert "no row" in unpublished([PYPI], "9.9.9")[0]
 
 
@@ -104,9 +105,11 @@ def resolve(index: str, requirements: list[str], report: Path) -> list[dict]:
     `index` alone (this machine's pip configuration, local wheel folders included, is left out)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     env["PIP_CONFIG_FILE"] = os.devnull
-    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report)]
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet"]
+    cmd += ["--report", str(report)]
     # metadata through HTTP range requests where the index does not serve it on its own (no wheel download)
-    cmd += ["--use-feature=fast-deps", "--only-binary=:all:", "--python-version", PYTHON_VERSION, "--implementation", "cp"]
+    cmd += ["--use-feature=fast-deps", "--only-binary=:all:"]
+    cmd += ["--python-version", PYTHON_VERSION, "--implementation", "cp"]
     cmd += [*platform_args(), "--index-url", index, *requirements]
     proc = run(cmd, env=env, timeout=600)
     assert proc.returncode == 0, f"the image's dependency set does not resolve against {index}:\n{proc.stdout[-4000:]}"
@@ -118,7 +121,8 @@ def resolve(index: str, requirements: list[str], report: Path) -> list[dict]:
 def test_image_dependency_set_resolves(index, tmp_path):
     why = reachable(index)
     if why is not None:
-        pytest.skip(f"{index} cannot be reached from here ({why}): the {build_name(index)} build's dependency set is unchecked")
+        build = build_name(index)
+        pytest.skip(f"{index} cannot be reached from here ({why}): the {build} build's dependency set is unchecked")
     pin = torch_pin()
     if index == PYPI:  # both of the Dockerfile's steps install from PyPI: one resolution is both
         installs = resolve(PYPI, project_requirements(with_torch=True), tmp_path / "all.json")
@@ -136,3 +140,15 @@ def test_image_dependency_set_resolves(index, tmp_path):
 
 def normalized(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@pytest.mark.slow
+def test_resolution_fails_on_a_missing_wheel(tmp_path, monkeypatch):
+    """The same resolution for a glibc older than torch's wheel needs (manylinux_2_28): pip must
+    fail, and so must the test."""
+    why = reachable(PYPI)
+    if why is not None:
+        pytest.skip(f"{PYPI} cannot be reached from here ({why})")
+    monkeypatch.setattr(sys.modules[__name__], "GLIBC_MINOR", 27)
+    with pytest.raises(AssertionError, match="(?s)does not resolve.*No matching distribution found for torch=="):
+        resolve(PYPI, [f"torch=={torch_pin()}"], tmp_path / "r.json")
