@@ -95,18 +95,19 @@ async def _restore(task: str, request: Request, service: ServiceDep, fmt: str, q
     s = service.settings
     with service.admitted(task):  # 503 while draining; a drain waits for everything inside
         service.check_ready(task)
-        service.batcher.admit(task)  # a full queue answers 429 before the upload is read
-        # the upload's bytes count against MPRNET_MAX_INFLIGHT_UPLOAD_BYTES until it is decoded and queued
-        async with image_upload(request, s.max_upload_bytes, service.uploads) as data:
-            deadline = request.scope["arrived"] + min(timeout or s.request_timeout_s, s.request_timeout_s)
-            t0 = time.monotonic()
-            with service.batcher.arriving(task):
-                decoded, plan = await service.in_codec_pool(_decode_and_plan, service, data)
-                t1 = time.monotonic()
-                if t1 >= deadline:
-                    raise DeadlineExceeded(t1 - request.scope["arrived"])
-                # submit inside `arriving`: no await between, so an open batch never misses this request
-                job = service.batcher.submit(task, plan, decoded.image, deadline, request.scope["request_id"])
+        deadline = request.scope["arrived"] + min(timeout or s.request_timeout_s, s.request_timeout_s)
+        # 429 before the upload is read when the queue is full or cannot be expected to serve it in time
+        with service.batcher.admit(task, deadline) as ticket:
+            # the upload's bytes count against MPRNET_MAX_INFLIGHT_UPLOAD_BYTES until it is decoded and queued
+            async with image_upload(request, s.max_upload_bytes, service.uploads) as data:
+                t0 = time.monotonic()
+                with service.batcher.arriving(task):
+                    decoded, plan = await service.in_codec_pool(_decode_and_plan, service, data)
+                    t1 = time.monotonic()
+                    if t1 >= deadline:
+                        raise DeadlineExceeded(t1 - request.scope["arrived"])
+                    # submit inside `arriving`: no await between, so an open batch never misses this request
+                    job = service.batcher.submit(ticket, plan, decoded.image, request.scope["request_id"])
         outputs = await _outputs(job, request, service)
         t2 = time.monotonic()
         body = await service.in_codec_pool(_assemble_and_encode, job, outputs, decoded, fmt, quality, s.png_effort)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -81,10 +82,14 @@ class Service:
         return max(1, min(s.max_batch_size, int(self.batcher.batch_pixels // (shape[0] * shape[1]))))
 
     async def warm_up(self) -> None:
+        self.batcher.seed_request_pixels(self.planner.static_shapes()[0][0] * self.planner.static_shapes()[0][1])
         for task in self.tasks:
             try:
                 for shape in self.warmup_shapes():
+                    start = time.monotonic()
                     await self.worker.warm_up(task, shape, self.max_items(shape))
+                    # a first, slow (first-call costs included) throughput for admission until batches are measured
+                    self.batcher.seed_throughput(task, shape[0] * shape[1], time.monotonic() - start)
             except Exception as e:
                 self.warm_errors[task] = f"warm-up failed: {type(e).__name__}: {e}"
                 log.error("warm-up of %s failed", task, exc_info=e)

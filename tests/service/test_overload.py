@@ -1,0 +1,91 @@
+"""Overload is answered early: 429 with Retry-After before the upload is read when the queue cannot be
+expected to serve the request before its deadline. Driven by a fake model held on the device."""
+
+from __future__ import annotations
+
+import asyncio
+
+import anyio
+import pytest
+
+from tests.live_server import metric_value
+from tests.service.conftest import FakeModel, fake_app, png, rand_image
+
+pytestmark = pytest.mark.anyio
+RAW = {"content-type": "image/png"}
+
+
+def scope_for(path: str, headers: list[tuple[bytes, bytes]]) -> dict:
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1),
+            "server": ("test", 80), "headers": [(b"content-type", b"image/png"), *headers]}
+
+
+class Recorder:
+    """An ASGI client whose body never arrives; records what the app sends."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+        self.body_asked = False
+
+    async def receive(self) -> dict:
+        self.body_asked = True
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict) -> None:
+        self.messages.append(message)
+
+    @property
+    def status(self) -> int:
+        return next(m["status"] for m in self.messages if m["type"] == "http.response.start")
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        return dict(next(m["headers"] for m in self.messages if m["type"] == "http.response.start"))
+
+
+async def occupy(client, model: FakeModel, task: str = "deblur") -> asyncio.Task:
+    model.gate.clear()
+    model.entered.clear()
+    held = asyncio.create_task(client.post(f"/restore/{task}", content=png(rand_image(8, 8, seed=99)), headers=RAW))
+    await anyio.to_thread.run_sync(model.entered.wait)
+    return held
+
+
+async def test_a_request_the_queue_cannot_serve_in_time_hears_429_before_its_body_is_read():
+    async with fake_app() as (client, model, app):
+        batcher = app.state.service.batcher
+        held = await occupy(client, model)
+        batcher.seed_throughput("deblur", 1.0, 1.0)  # nothing measured yet: 1 pixel/s, so the held batch takes long
+        assert batcher.expected_wait("deblur") > 60
+        late = Recorder()
+        with anyio.fail_after(10):
+            await app(scope_for("/restore/deblur", [(b"content-length", b"100000")]), late.receive, late.send)
+        assert late.status == 429 and not late.body_asked
+        assert int(late.headers[b"retry-after"]) > 60
+        model.gate.set()
+        assert (await held).status_code == 200
+        text = (await client.get("/metrics")).text
+        assert metric_value(text, "mprnet_rejected_total", task="deblur", reason="queue_full") == 1
+        # measured now: the fake model is fast, so the same request is admitted and served
+        assert batcher.expected_wait("deblur") < 1
+        r = await client.post("/restore/deblur", content=png(rand_image(8, 8, seed=1)), headers=RAW)
+        assert r.status_code == 200
+
+
+async def test_a_shorter_client_deadline_is_refused_where_the_default_is_admitted():
+    async with fake_app() as (client, model, app):
+        batcher = app.state.service.batcher
+        held = await occupy(client, model)
+        batcher.seed_throughput("deblur", 32 * 32 / 5, 1.0)  # the held request (a 32x32 bucket): about 5 s left
+        short = await client.post("/restore/deblur", content=png(rand_image(8, 8, seed=2)),
+                                  headers={**RAW, "X-Request-Timeout": "2"})
+        assert short.status_code == 429 and short.json()["code"] == "queue_full"
+        patient = asyncio.create_task(client.post("/restore/deblur", content=png(rand_image(8, 8, seed=3)),
+                                                  headers=RAW))
+        with anyio.fail_after(10):
+            while batcher.depth("deblur") < 1:
+                await anyio.sleep(0.005)
+        model.gate.set()
+        assert (await held).status_code == 200 and (await patient).status_code == 200
