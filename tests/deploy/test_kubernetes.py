@@ -27,7 +27,7 @@ from .checks import (
     shutdown_problems,
 )
 from .test_dockerfile import DOCKERFILE, settings_env_names
-from .tools import KUBERNETES_VERSION, ROOT, binary, documents, kind, kustomize, node_checker, run
+from .tools import KUBERNETES_VERSION, ROOT, binary, documents, kind, kustomize, node_checker, overlay_folder, run
 
 K8S = ROOT / "k8s"
 OVERLAYS = ["gpu", "keda", "hpa", "cpu"]
@@ -38,13 +38,8 @@ CUSTOM_KINDS = {"ScaledObject", "ServiceMonitor"}  # validated by tests/tools/va
 
 def with_components(root: Path) -> Path:
     """An overlay of gpu plus the optional components, so they are rendered and validated too."""
-    folder = root / "gpu-with-components"
-    folder.mkdir()
-    rel = os.path.relpath(K8S, folder)
-    (folder / "kustomization.yaml").write_text(
-        f"resources: [{rel}/overlays/gpu]\ncomponents: [{rel}/components/nvidia-runtime-class, {rel}/components/user-weights]\n"
-    )
-    return folder
+    components = [K8S / "components" / "nvidia-runtime-class", K8S / "components" / "user-weights"]
+    return overlay_folder(root / "gpu-with-components", K8S / "overlays" / "gpu", components)
 
 
 @pytest.fixture(scope="module")

@@ -81,6 +81,14 @@ def kustomize(path: Path) -> str:
     return proc.stdout
 
 
+def overlay_folder(folder: Path, resource: Path, components: list[Path]) -> Path:
+    """`folder` (created) holding a kustomization of `resource` plus `components`, as a user would write one."""
+    folder.mkdir()
+    rel = [os.path.relpath(p, folder) for p in (resource, *components)]
+    (folder / "kustomization.yaml").write_text(f"resources: [{rel[0]}]\ncomponents: [{', '.join(rel[1:])}]\n")
+    return folder
+
+
 def documents(text: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(text) if d]
 
