@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -23,6 +25,7 @@ from torch import Tensor
 
 from model.images import ImageMeta, from_tensor, to_tensor
 
+from . import structure
 from .errors import ServiceError
 from .png import encode_png
 
@@ -46,7 +49,6 @@ class Decoded:
     icc: bytes | None
     exif: bytes | None
     format: str  # what the input was, e.g. "PNG"
-    frames: int  # > 1 for an animation, of which the first frame was restored
 
 
 def bad_input(detail: str) -> ServiceError:
@@ -57,9 +59,29 @@ def unsupported(detail: str) -> ServiceError:
     return ServiceError(415, "unsupported", detail)
 
 
-def _open(data: bytes) -> Image.Image:
+class _OverBudget(Exception):
+    pass
+
+
+class _BudgetedFile(io.BytesIO):
+    """The upload as a file that checks the decode's time budget on every read. Pillow's parsers read
+    structure by structure and its decode loop reads at most 64 KB at a time, so a decode that runs past
+    its budget stops at its next read; one read's worth of work (a libjpeg block, a WebP frame, a libtiff
+    image) runs to its end, bounded by the pixel cap and by `structure.check`."""
+
+    def __init__(self, data: bytes, deadline: float, clock: Callable[[], float]) -> None:
+        super().__init__(data)
+        self._deadline, self._clock = deadline, clock
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self._clock() > self._deadline:
+            raise _OverBudget
+        return super().read(size)
+
+
+def _open(data: bytes, file: io.BytesIO) -> Image.Image:
     try:
-        return Image.open(io.BytesIO(data), formats=FORMATS)
+        return Image.open(file, formats=FORMATS)
     except UnidentifiedImageError:
         pass
     except Image.DecompressionBombError:
@@ -81,31 +103,39 @@ def _open(data: bytes) -> Image.Image:
     raise bad_input("The body is not an image (PNG, JPEG, WebP, GIF, BMP or TIFF).")
 
 
-def decode(data: bytes, max_pixels: int) -> Decoded:
+def decode(
+    data: bytes, max_pixels: int, budget_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+) -> Decoded:
     """Bytes -> RGB tensor + what is needed to answer in kind. Raises ServiceError 400/413/415.
 
     8-bit images (also palette, bilevel and converted CMYK ones) stay uint8: they travel to the device
-    as a quarter of float32's bytes and are scaled there (service/worker.py).
+    as a quarter of float32's bytes and are scaled there (service/worker.py). Decoding stops with 413
+    once it has run `budget_s` by `clock` (see `_BudgetedFile`); only the first frame of an animation
+    is read.
     """
     if not data:
         raise bad_input("The request body is empty; send an image.")
-    img = _open(data)
-    width, height = img.size
-    if width * height > max_pixels:
-        raise ServiceError(413, "too_large", f"The image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}.")
-    if width < 1 or height < 1:
-        raise bad_input(f"The image has no pixels ({width}x{height}).")
-    frames = getattr(img, "n_frames", 1)
-    fmt = img.format or "?"
+    structure.check(data)
+    over_budget = ServiceError(
+        413, "too_large", f"The image took more than {budget_s:g} s to decode; the file is crafted or corrupt."
+    )
+    deadline = clock() + budget_s
     try:
-        img.seek(0)
-        img.load()
-    except Image.DecompressionBombError:
-        raise ServiceError(413, "too_large", f"The image is {width}x{height} pixels, over the decoder's safety limit.") from None
-    except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad data; all are the client's file
-        raise bad_input(f"The image could not be decoded ({type(e).__name__}: {e}); the file is corrupt or truncated.") from None
+        img = _open(data, _BudgetedFile(data, deadline, clock))
+        width, height = img.size
+        if width * height > max_pixels:
+            pixels = f"{width}x{height} = {width * height:,} pixels"
+            raise ServiceError(413, "too_large", f"The image is {pixels}; the limit is {max_pixels:,}.")
+        if width < 1 or height < 1:
+            raise bad_input(f"The image has no pixels ({width}x{height}).")
+        fmt = img.format or "?"
+        img = _load(img)
+    except _OverBudget:
+        raise over_budget from None
     with contextlib.suppress(Exception):  # an unreadable EXIF block costs the orientation, not the request
         img = ImageOps.exif_transpose(img)  # upright pixels; the orientation tag is dropped
+    if clock() > deadline:
+        raise over_budget
     icc = img.info.get("icc_profile") or None
     exif = img.info.get("exif") or None
     if img.mode == "CMYK":
@@ -115,7 +145,26 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
         tensor, meta = to_tensor(img, keep_uint8=True)
     except (TypeError, ValueError) as e:
         raise unsupported(f"Images of mode {img.mode} are not supported ({e}).") from None
-    return Decoded(tensor, meta, icc, exif, fmt, frames)
+    return Decoded(tensor, meta, icc, exif, fmt)
+
+
+def _load(img: Image.Image) -> Image.Image:
+    """Decode the first frame's pixels; refuse data that ends before the pixels do."""
+    width, height = img.size
+    try:
+        marks = structure.mark_last_rows(img)
+        img.load()
+    except Image.DecompressionBombError:
+        detail = f"The image is {width}x{height} pixels, over the decoder's safety limit."
+        raise ServiceError(413, "too_large", detail) from None
+    except _OverBudget:
+        raise
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad data; all are the client's file
+        detail = f"The image could not be decoded ({type(e).__name__}: {e}); the file is corrupt or truncated."
+        raise bad_input(detail) from None
+    if structure.unwritten(img, marks):
+        raise structure.truncated(f"The {img.format} image's data ends before its {width}x{height} pixels do.")
+    return img
 
 
 def _cmyk_to_rgb(img: Image.Image, icc: bytes | None) -> Image.Image:

@@ -118,7 +118,7 @@ async def _restore(task: str, request: Request, service: ServiceDep, fmt: str, q
 
 
 def _decode_and_plan(service: Service, data: bytes) -> tuple[codec.Decoded, Any]:
-    decoded = codec.decode(data, service.settings.max_pixels)
+    decoded = codec.decode(data, service.settings.max_pixels, service.settings.decode_budget_s)
     return decoded, service.planner.plan(decoded.image)
 
 

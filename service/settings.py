@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(25_000_000, ge=1)
     max_inflight_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)  # bodies received or awaiting decode, all requests together
+    # Time one decode may take before it is stopped with 413 (checked between the decoder's reads of at most
+    # 64 KB; a 25 MP PNG or progressive JPEG decodes in about 1 s on one core of the 2-core CPU).
+    decode_budget_s: float = Field(10.0, gt=0, le=600)
     request_timeout_s: float = Field(60.0, gt=0)  # deadline before compute starts; a header may shorten it
     grace_period_s: float = Field(30.0, ge=0)
     png_effort: Literal["fast", "small"] = "fast"  # fast: "up" filter (about 1 ms at 256x256); small: adaptive, 1-4 % smaller

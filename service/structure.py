@@ -1,0 +1,185 @@
+"""Checks on an image file's structure that bound the work of decoding it.
+
+Before Pillow parses a file, `check` walks the structures Pillow or libjpeg would walk once per item,
+reading only their headers (struct and a regular expression over bytes, never pixel data) and stopping
+as soon as a count passes its cap (413): PNG chunks, JPEG marker segments and scans (libjpeg re-reads
+every coefficient of the image once per scan), GIF extension blocks before the first frame, and the
+entries and strip or tile counts of a TIFF's first directory. Frames after the first (chained TIFF
+directories, later GIF frames) are never walked, here or by the decoder: only the first is decoded.
+It also refuses a JPEG too short to hold the pixels its header declares (400): libjpeg fills the rows
+of a JPEG whose scans end early with grey and reports that only as a warning Pillow drops.
+
+Around the decode, `mark_last_rows` and `unwritten` catch the other way truncated data passes: a PNG
+(or GIF, BMP, TIFF) whose compressed stream ends before the pixels do is decoded without an error into
+an image whose missing rows stay as allocated. The rows a decoder writes last (the last row top-down,
+the first row bottom-up, the last odd row for interlaced images) are filled with a pattern first;
+if the pattern is still there after decoding, the data ran out.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+
+from PIL import Image
+
+from .errors import ServiceError
+
+PNG_MAX_CHUNKS = 16_384  # libpng writes 8 KB IDAT chunks: a 50 MB PNG has about 6,400
+JPEG_MAX_SEGMENTS = 4_096  # marker segments with a length (APPn, DQT, DHT, SOS ...): photos have 10-300
+JPEG_MAX_SCANS = 100  # progressive encoders write about 10 (libjpeg, mozjpeg); each costs a pass over the image
+GIF_MAX_BLOCKS = 10_000  # extension data blocks before the first frame (255 bytes each at most)
+TIFF_MAX_TAGS = 1_000  # entries of the first directory; files in the wild have a few dozen
+TIFF_MAX_STRIPS = 131_072  # strips or tiles: a 25 MP image in 16x16 tiles has about 98,000
+
+# A JPEG marker that ends entropy-coded data: 0xFF followed by neither a stuffed 0x00 nor a restart marker (D0-D7)
+_JPEG_MARKER = re.compile(rb"\xff[\xc0-\xcf\xd9-\xfe]")
+# Frame headers (SOFn); C9-CB and CD-CF are arithmetic-coded, C4, C8 and CC are other markers
+_SOF_HUFFMAN = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7}
+_SOF = _SOF_HUFFMAN | {0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_STRIP_TAGS = {273: "strips", 279: "strips", 324: "tiles", 325: "tiles"}  # offsets and byte counts of each
+
+
+def too_complex(detail: str) -> ServiceError:
+    return ServiceError(413, "too_large", detail + " Re-save it with an ordinary encoder.")
+
+
+def truncated(detail: str) -> ServiceError:
+    return ServiceError(400, "bad_input", detail + " The file is truncated or corrupt.")
+
+
+def check(data: bytes) -> None:
+    """Raise ServiceError 413 if the file has more of some structure than its cap allows, 400 if it is
+    a JPEG too short for its declared size. Formats other than PNG, JPEG, GIF and TIFF pass unchecked."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        _png(data)
+    elif data.startswith(b"\xff\xd8\xff"):
+        _jpeg(data)
+    elif data[:6] in (b"GIF87a", b"GIF89a"):
+        _gif(data)
+    elif data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        _tiff(data)
+
+
+def _png(data: bytes) -> None:
+    pos, chunks = 8, 0
+    while pos + 8 <= len(data):
+        chunks += 1
+        if chunks > PNG_MAX_CHUNKS:
+            raise too_complex(f"The PNG has more than {PNG_MAX_CHUNKS:,} chunks.")
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"IEND":
+            return
+        pos += 12 + length
+
+
+def _jpeg(data: bytes) -> None:
+    pos, segments, scans = 2, 0, 0
+    first_scan = size = None
+    huffman = True
+    while (m := _JPEG_MARKER.search(data, pos)) is not None:
+        pos, marker = m.start(), data[m.start() + 1]
+        if marker == 0xD9:  # end of image: what follows is not decoded
+            break
+        segments += 1
+        if segments > JPEG_MAX_SEGMENTS:
+            raise too_complex(f"The JPEG has more than {JPEG_MAX_SEGMENTS:,} marker segments.")
+        if marker == 0xDA:
+            scans += 1
+            if scans > JPEG_MAX_SCANS:
+                raise too_complex(f"The JPEG has more than {JPEG_MAX_SCANS} scans.")
+            first_scan = pos if first_scan is None else first_scan
+        elif marker in _SOF and size is None and pos + 9 <= len(data):
+            height, width = struct.unpack_from(">HH", data, pos + 5)
+            size, huffman = (width, height), marker in _SOF_HUFFMAN
+        if pos + 4 > len(data):
+            break
+        pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]  # past the segment; the search skips entropy-coded data
+    if size is not None and first_scan is not None and huffman:
+        # a Huffman code is at least one bit, and every 8x8 block of the largest component gets one (its DC value)
+        blocks = -(-size[0] // 8) * -(-size[1] // 8)
+        if (pos - first_scan) * 8 < blocks:
+            raise truncated(
+                f"The JPEG declares {size[0]}x{size[1]} pixels, which need at least {blocks // 8:,} bytes "
+                f"of image data; it holds {pos - first_scan:,}."
+            )
+
+
+def _gif(data: bytes) -> None:
+    if len(data) < 13:
+        return
+    flags = data[10]
+    pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
+    blocks = 0
+    while pos + 1 < len(data) and data[pos] == 0x21:  # extensions before the first image (0x2C)
+        pos += 2  # introducer, label
+        while pos < len(data):
+            blocks += 1
+            if blocks > GIF_MAX_BLOCKS:
+                raise too_complex(f"The GIF has more than {GIF_MAX_BLOCKS:,} extension blocks before its first image.")
+            size = data[pos]
+            pos += 1 + size
+            if size == 0:
+                break
+
+
+def _tiff(data: bytes) -> None:
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    head, count_fmt, entry, value_fmt = (8, "Q", 20, "Q") if big else (4, "H", 12, "I")
+    if len(data) < head + 8:
+        return
+    ifd = struct.unpack_from(order + ("Q" if big else "I"), data, head)[0]
+    if ifd + struct.calcsize(count_fmt) > len(data):
+        return  # Pillow refuses it
+    tags = struct.unpack_from(order + count_fmt, data, ifd)[0]
+    if tags > TIFF_MAX_TAGS:
+        raise too_complex(f"The TIFF's first directory has {tags:,} entries; the limit is {TIFF_MAX_TAGS:,}.")
+    pos = ifd + struct.calcsize(count_fmt)
+    for _ in range(tags):
+        if pos + entry > len(data):
+            return
+        tag = struct.unpack_from(order + "H", data, pos)[0]
+        count = struct.unpack_from(order + value_fmt, data, pos + 4)[0]
+        if tag in _STRIP_TAGS and count > TIFF_MAX_STRIPS:
+            raise too_complex(f"The TIFF has {count:,} {_STRIP_TAGS[tag]}; the limit is {TIFF_MAX_STRIPS:,}.")
+        pos += entry
+
+
+Marks = list[tuple[tuple[int, int, int, int], bytes]]
+
+
+def mark_last_rows(img: Image.ImageFile.ImageFile) -> Marks:
+    """Before `img.load()`: allocate its pixels with a pattern at the start and end of the rows decoders
+    write last; returns what `unwritten` needs. Marks nothing where that proves nothing: JPEG (libjpeg
+    fills missing rows itself, see `check`), WebP (decoded whole or not at all), a GIF whose first frame
+    does not cover the canvas (the rest is background), a TIFF rotated while loading."""
+    w, h = img.size
+    if img.format not in ("PNG", "GIF", "BMP", "TIFF") or not img.tile:
+        return []
+    if getattr(img, "_tile_size", img.size) != img.size:  # a TIFF that Pillow rotates while loading
+        return []
+    if img.format == "GIF" and tuple(img.tile[0][1]) != (0, 0, w, h):
+        return []
+    seg = min(w, 128 if img.mode == "1" else 16)
+    try:
+        blank = Image.new(img.mode, (seg, 1))
+        nbytes = len(blank.tobytes())
+        if nbytes < 8:  # under 64 bits a real row could match the pattern by chance
+            return []
+        mark = Image.frombytes(img.mode, (seg, 1), bytes((i * 151 + 83) & 255 for i in range(nbytes)))
+    except (ValueError, OSError):  # a mode Pillow cannot build from raw bytes: no marks
+        return []
+    pattern = mark.tobytes()
+    last_odd = h - 1 if h % 2 == 0 else h - 2  # Adam7 and GIF interlacing write odd rows in their last pass
+    rows = {0, h - 1} | ({last_odd} if last_odd > 0 else set())
+    boxes = [(x, y, x + seg, y + 1) for y in sorted(rows) for x in sorted({0, w - seg})]
+    img.im = Image.core.new(img.mode, img.size)
+    for box in boxes:
+        img.im.paste(mark.im, box)
+    return [(box, pattern) for box in boxes]
+
+
+def unwritten(img: Image.Image, marks: Marks) -> bool:
+    """After `img.load()`: did the decoder leave any marked row as it was (the data ran out)?"""
+    return any(img.crop(box).tobytes() == pattern for box, pattern in marks)
