@@ -111,9 +111,8 @@ def dockerfile_problems(text: str, torch_pin: str) -> list[str]:
     cmds = [rest for word, rest in final if word == "CMD"]
     cmd = _exec_form(cmds[-1]) if cmds else None
     if cmd != ["mprnet-serve"]:
-        problems.append(
-            f'CMD must be the exec form ["mprnet-serve"] so the server is PID 1 and gets SIGTERM, got {cmds[-1] if cmds else None!r}'
-        )
+        got = cmds[-1] if cmds else None
+        problems.append(f'CMD must be the exec form ["mprnet-serve"] so the server is PID 1 and gets SIGTERM, got {got!r}')
     for word, rest in final:
         if word == "ENTRYPOINT":
             form = _exec_form(rest)
@@ -262,12 +261,44 @@ def pod_problems(deploy: dict, writable: list[str], min_startup_s: float) -> lis
         problems.append("allowPrivilegeEscalation is not false")
     if pod.get("enableServiceLinks", True):
         problems.append("enableServiceLinks: a Service named mprnet injects MPRNET_PORT=tcp://... into the settings")
-    empty = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
-    mounted = {m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] in empty}
+    volumes = pod.get("volumes", [])
+    scratch = {v["name"] for v in volumes if "emptyDir" in v}
+    scratch |= {v["name"] for v in volumes if not v.get("persistentVolumeClaim", {"readOnly": True}).get("readOnly")}
+    mounted = {m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] in scratch and not m.get("readOnly")}
     for path in writable:
         if not any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounted):
-            problems.append(f"{path} is not on an emptyDir: it would be read-only")
+            problems.append(f"{path} is not on an emptyDir or a writable claim: it would be read-only")
     return problems
+
+
+def _cpus(quantity: object) -> float:
+    """A Kubernetes CPU quantity ("4", "500m", 2) in CPUs."""
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def compile_threads_problems(deploy: dict) -> list[str]:
+    """inductor's compile workers are capped by TORCHINDUCTOR_COMPILE_THREADS: a literal no larger
+    than the container's CPU request, or the request (or a CPU limit that is set) itself."""
+    (c,) = [c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "mprnet"]
+    resources = c.get("resources", {})
+    env = {e["name"]: e for e in c.get("env", [])}
+    var = env.get("TORCHINDUCTOR_COMPILE_THREADS")
+    if var is None:
+        return ["TORCHINDUCTOR_COMPILE_THREADS is not set: inductor would start a compile worker per CPU of the node"]
+    ref = (var.get("valueFrom") or {}).get("resourceFieldRef")
+    if ref is not None:
+        kind, _, name = ref.get("resource", "").partition(".")
+        if name != "cpu" or kind not in ("requests", "limits") or (resources.get(kind) or {}).get("cpu") is None:
+            return [f"TORCHINDUCTOR_COMPILE_THREADS comes from {ref.get('resource')!r}, which the container does not set"]
+        if ref.get("containerName", c["name"]) != c["name"] or _cpus(ref.get("divisor", "1")) != 1:
+            return [f"TORCHINDUCTOR_COMPILE_THREADS must read this container's CPUs with divisor 1, got {ref}"]
+        return []
+    request = (resources.get("requests") or {}).get("cpu")
+    value = str(var.get("value", ""))
+    if not value.isdigit() or int(value) < 1 or (request is not None and int(value) > max(1, _cpus(request))):
+        return [f"TORCHINDUCTOR_COMPILE_THREADS={value!r} is not a worker count within the CPU request {request}"]
+    return []
 
 
 # --- PromQL and metric names -------------------------------------------------------------------

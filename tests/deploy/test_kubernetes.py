@@ -19,12 +19,13 @@ from service.settings import Settings
 
 from .checks import (
     autoscaler_problems,
+    compile_threads_problems,
     dockerfile_instructions,
-    env_pairs,
     gpu_limits,
     pod_problems,
     settings_of,
     shutdown_problems,
+    stage_env,
 )
 from .test_dockerfile import DOCKERFILE, settings_env_names
 from .tools import KUBERNETES_VERSION, ROOT, binary, documents, kind, kustomize, node_checker, overlay_folder, run
@@ -34,11 +35,12 @@ OVERLAYS = ["gpu", "keda", "hpa", "cpu"]
 NAMESPACE = "mprnet"
 NEWEST = "1.37.0"  # the newest schema kubernetes-validate ships: catches an API removed since 1.30
 CUSTOM_KINDS = {"ScaledObject", "ServiceMonitor"}  # validated by tests/tools/validate-crds.mjs
+COMPONENTS = ["nvidia-runtime-class", "user-weights", "gpu-feature-discovery", "compile-cache"]
 
 
 def with_components(root: Path) -> Path:
     """An overlay of gpu plus the optional components, so they are rendered and validated too."""
-    components = [K8S / "components" / "nvidia-runtime-class", K8S / "components" / "user-weights"]
+    components = [K8S / "components" / name for name in COMPONENTS]
     return overlay_folder(root / "gpu-with-components", K8S / "overlays" / "gpu", components)
 
 
@@ -183,12 +185,59 @@ def test_gpu_limit_check_catches_a_cpu_overlay_that_keeps_it(k8s_copy):
 
 
 def test_gpu_overlay_schedules_on_gpu_nodes(rendered):
-    (deploy,) = kind(docs_of(rendered, "gpu"), "Deployment")
-    pod = deploy["spec"]["template"]["spec"]
-    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
-    assert pod["nodeSelector"]
+    """The GPU limit picks GPU nodes with the plain device plugin too; a node label that only GPU
+    Feature Discovery sets would keep the pod Pending elsewhere, so it is an optional component."""
+    for overlay in ("gpu", "keda", "hpa"):
+        (deploy,) = kind(docs_of(rendered, overlay), "Deployment")
+        pod = deploy["spec"]["template"]["spec"]
+        assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+        assert not pod.get("nodeSelector") and not pod.get("affinity"), f"{overlay} needs node labels some clusters lack"
     (deploy,) = kind(docs_of(rendered, "gpu+components"), "Deployment")
     assert deploy["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
+    assert deploy["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+
+
+def test_compile_cache_component_shares_a_claim(rendered):
+    docs = docs_of(rendered, "gpu+components")
+    (deploy,), (claim,) = kind(docs, "Deployment"), kind(docs, "PersistentVolumeClaim")
+    pod = deploy["spec"]["template"]["spec"]
+    (cache,) = [v for v in pod["volumes"] if v["name"] == "cache"]
+    assert cache == {"name": "cache", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+    assert "ReadWriteMany" in claim["spec"]["accessModes"], "replicas on several nodes share the cache"
+    (c,) = pod["containers"]
+    assert {"name": "cache", "mountPath": stage_env(DOCKERFILE.read_text())["XDG_CACHE_HOME"]} in c["volumeMounts"]
+    assert settings_of(docs)["MPRNET_COMPILE"] == "default"
+    assert deploy["spec"]["progressDeadlineSeconds"] >= 3600, "a cold first compile outlasts the default 600 s"
+    for overlay in OVERLAYS:
+        assert kind(docs_of(rendered, overlay), "PersistentVolumeClaim") == []
+
+
+@pytest.mark.parametrize("overlay", [*OVERLAYS, "gpu+components"])
+def test_compile_threads_are_capped(rendered, overlay):
+    (deploy,) = kind(docs_of(rendered, overlay), "Deployment")
+    assert compile_threads_problems(deploy) == []
+
+
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        (lambda env: [e for e in env if e["name"] != "TORCHINDUCTOR_COMPILE_THREADS"], "not set"),
+        (lambda env: [{**e, "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}} for e in env], "does not set"),
+        (lambda env: [{**e, "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1m"}}} for e in env],
+         "divisor"),
+        (lambda env: [{"name": e["name"], "value": "64"} for e in env], "within the CPU request"),
+    ],
+    ids=["missing", "unset-limit", "millicores", "too-many"],
+)
+def test_compile_threads_check_catches_a_bad_cap(rendered, change, expect):
+    (deploy,) = kind(docs_of(rendered, "gpu"), "Deployment")
+    broken = copy.deepcopy(deploy)
+    env = broken["spec"]["template"]["spec"]["containers"][0]["env"]
+    named = [e for e in env if e["name"] == "TORCHINDUCTOR_COMPILE_THREADS"]
+    others = [e for e in env if e["name"] != "TORCHINDUCTOR_COMPILE_THREADS"]
+    broken["spec"]["template"]["spec"]["containers"][0]["env"] = others + change(named)
+    problems = compile_threads_problems(broken)
+    assert problems and expect in problems[0], problems
 
 
 @pytest.mark.parametrize(
@@ -228,21 +277,13 @@ def test_namespace_check_catches_an_overlay_without_it(k8s_copy):
     assert so["metadata"].get("namespace") != NAMESPACE
 
 
-def image_env() -> dict[str, str]:
-    env = {}
-    for word, rest in dockerfile_instructions(DOCKERFILE.read_text()):
-        if word == "ENV":
-            env.update(env_pairs(rest))
-    return env
-
-
 def healthcheck_start_period() -> float:
     (check,) = [rest for word, rest in dockerfile_instructions(DOCKERFILE.read_text()) if word == "HEALTHCHECK"]
     return float(re.search(r"--start-period=(\d+)s", check).group(1))
 
 
 def writable_paths() -> list[str]:
-    env = image_env()
+    env = stage_env(DOCKERFILE.read_text())
     return ["/tmp", env["TORCHINDUCTOR_CACHE_DIR"], env["TRITON_CACHE_DIR"], env["CUDA_CACHE_PATH"], env["XDG_CACHE_HOME"]]
 
 
@@ -306,7 +347,7 @@ def settings_problems(env: dict[str, str]) -> list[str]:
     return []
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", [*OVERLAYS, "gpu+components"])
 def test_configmap_settings_are_accepted_by_the_service(rendered, overlay):
     settings = settings_of(docs_of(rendered, overlay))
     assert settings_problems(settings) == []
