@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
@@ -15,8 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from model.variants import PAPER_TASKS
 
 from . import codec
-from .batcher import Job
-from .errors import DeadlineExceeded, Disconnected, ServiceError, error_responses
+from .errors import ServiceError, error_responses
 from .http_io import image_upload, output_format, wait_for_disconnect
 from .runtime import Service
 
@@ -81,66 +78,24 @@ async def restore(
     timeout: Annotated[float | None, Header(alias="X-Request-Timeout", gt=0, le=86400, description="Seconds before compute must start; can only shorten the server's default")] = None,
 ) -> Response:
     """Restore one image with the task's model; the answer is the image in the same size and mode."""
-    if task not in service.models:
-        raise ServiceError(404, "unknown_task", f"Unknown task {task!r}; this server restores: {', '.join(service.tasks)}.")
+    s = service.settings
     try:
-        return await _restore(task, request, service, output_format(format, request.headers.get("accept")), quality, timeout)
+        fmt = output_format(format, request.headers.get("accept"))
+        body, timings = await service.restore(
+            task,
+            lambda: image_upload(request, s.max_upload_bytes, service.uploads),  # read only once admitted
+            fmt=fmt,
+            quality=quality,
+            arrived=request.scope["arrived"],
+            deadline=service.deadline(request.scope["arrived"], timeout),
+            request_id=request.scope["request_id"],
+            gone=lambda: wait_for_disconnect(request.receive),
+        )
     except ServiceError as e:
         if e.code in _REASONS:
             service.metrics.reject(task, _REASONS[e.code])
         raise
-
-
-async def _restore(task: str, request: Request, service: ServiceDep, fmt: str, quality: int | None, timeout: float | None) -> Response:
-    s = service.settings
-    with service.admitted(task):  # 503 while draining; a drain waits for everything inside
-        service.check_ready(task)
-        deadline = request.scope["arrived"] + min(timeout or s.request_timeout_s, s.request_timeout_s)
-        # 429 before the upload is read when the queue is full or cannot be expected to serve it in time
-        with service.batcher.admit(task, deadline) as ticket:
-            # the upload's bytes count against MPRNET_MAX_INFLIGHT_UPLOAD_BYTES until it is decoded and queued
-            async with image_upload(request, s.max_upload_bytes, service.uploads) as data:
-                t0 = time.monotonic()
-                with service.batcher.arriving(task):
-                    decoded, plan = await service.in_codec_pool(_decode_and_plan, service, data)
-                    t1 = time.monotonic()
-                    if t1 >= deadline:
-                        raise DeadlineExceeded(t1 - request.scope["arrived"])
-                    # submit inside `arriving`: no await between, so an open batch never misses this request
-                    job = service.batcher.submit(ticket, plan, decoded.image, request.scope["request_id"])
-        outputs = await _outputs(job, request, service)
-        t2 = time.monotonic()
-        body = await service.in_codec_pool(_assemble_and_encode, job, outputs, decoded, fmt, quality, s.png_effort)
-        t3 = time.monotonic()
-    assert job.started is not None and job.finished is not None
-    timing = f"decode;dur={(t1 - t0) * 1e3:.1f}, queue;dur={(job.started - job.enqueued) * 1e3:.1f}, inference;dur={(job.finished - job.started) * 1e3:.1f}, encode;dur={(t3 - t2) * 1e3:.1f}"
-    return Response(body, media_type=codec.OUTPUTS[fmt], headers={"Server-Timing": timing})
-
-
-def _decode_and_plan(service: Service, data: bytes) -> tuple[codec.Decoded, Any]:
-    decoded = codec.decode(data, service.settings.max_pixels, service.settings.decode_budget_s)
-    return decoded, service.planner.plan(decoded.image)
-
-
-def _assemble_and_encode(job: Job, outputs: list, decoded: codec.Decoded, fmt: str, quality: int | None, png_effort: str) -> bytes:
-    return codec.encode(job.plan.assemble(outputs), decoded, fmt, quality, png_effort)
-
-
-async def _outputs(job: Job, request: Request, service: Service) -> list:
-    """The job's outputs; if the client goes away first, the job is dropped before (further) compute."""
-    watch = asyncio.ensure_future(wait_for_disconnect(request.receive))
-    try:
-        await asyncio.wait({job.future, watch}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        service.batcher.cancel(job, Disconnected())
-        raise
-    finally:
-        watch.cancel()
-    if not job.future.done() and watch.done() and not watch.cancelled() and watch.exception() is not None:
-        return await job.future  # the connection cannot be watched (receive failed): wait for the answer alone
-    if not job.future.done():
-        service.batcher.cancel(job, Disconnected())
-    return job.future.result()
+    return Response(body, media_type=codec.OUTPUTS[fmt], headers={"Server-Timing": timings.server_timing()})
 
 
 @router.get("/tasks", dependencies=Authorized, responses=error_responses(401), summary="Tasks, models and batching settings")

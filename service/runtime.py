@@ -1,4 +1,5 @@
-"""The running service: models, batcher, device worker, codec threads, readiness and drain state.
+"""The running service: models, batcher, device worker, codec threads, readiness and drain state, and
+the restore pipeline (`restore`, `restore_pixels`) that every protocol front-end calls.
 
 One `Service` per app (in `app.state.service`); the routes use it, the lifespan starts and stops it.
 """
@@ -13,14 +14,17 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
+from torch import Tensor
 
-from .batcher import MicroBatcher
-from .errors import Draining, ServiceError
+from . import codec, pipeline
+from .batcher import MicroBatcher, Ticket
+from .errors import DeadlineExceeded, Draining, ServiceError
 from .http_io import UploadBudget
-from .metrics import Metrics
 from .loading import TaskModel
-from .planner import Planner
+from .metrics import Metrics
+from .planner import Plan, Planner
 from .settings import MEGA, Settings
 from .worker import DeviceWorker
 
@@ -140,14 +144,19 @@ class Service:
             return False
 
     @contextlib.contextmanager
-    def admitted(self, task: str) -> Iterator[None]:
-        """Count a request as admitted work that a drain waits for; refuse it while draining."""
+    def admitted(self, task: str, deadline: float) -> Iterator[Ticket]:
+        """Admit a request of `task` or refuse it: 503 while draining or not warm, 429 when the queue is full or
+        cannot be expected to start it by `deadline`. Inside, it counts as admitted work that a drain waits for;
+        the ticket is for `batcher.submit`."""
         if self.draining:
             raise Draining()
+        self.check_ready(task)
+        ticket = self.batcher.admit(task, deadline)
         self._in_flight += 1
         self._idle.clear()
         try:
-            yield
+            with ticket:
+                yield ticket
         finally:
             self._in_flight -= 1
             if not self._in_flight:
@@ -157,6 +166,76 @@ class Service:
         if not self.warm[task]:
             detail = self.warm_errors.get(task, "is still warming up")
             raise ServiceError(503, "not_ready", f"The {task} model {detail}; retry shortly.", {"Retry-After": "5"})
+
+    # ---- the restore pipeline ---------------------------------------------------------------
+
+    def deadline(self, arrived: float, timeout: float | None) -> float:
+        """When compute must have started: `timeout` s after `arrived` (monotonic), at most the server's limit."""
+        limit = self.settings.request_timeout_s
+        return arrived + min(timeout or limit, limit)
+
+    async def restore(
+        self, task: str, source: pipeline.Source, *, fmt: str, quality: int | None = None, arrived: float,
+        deadline: float, request_id: str = "-", gone: pipeline.Gone | None = None,
+    ) -> tuple[bytes, pipeline.Timings]:
+        """Restore one image (see `pipeline.Source`) and encode it as `fmt` (png, jpeg or webp) in the input's mode.
+
+        Raises ServiceError for every answer but success (404 unknown task, 503/429 not admitted, 4xx bad
+        image, 504 deadline, 499 client gone, 500/503 model failure).
+        """
+        png_effort = self.settings.png_effort
+
+        def encode(plan: Plan, outputs: list[Tensor], decoded: codec.Decoded) -> bytes:
+            return codec.encode(plan.assemble(outputs), decoded, fmt, quality, png_effort)
+
+        return await self._run(task, source, encode, arrived, deadline, request_id, gone)
+
+    async def restore_pixels(
+        self, task: str, source: pipeline.Source, *, arrived: float, deadline: float, request_id: str = "-",
+        gone: pipeline.Gone | None = None,
+    ) -> tuple[np.ndarray, pipeline.Timings]:
+        """Restore one image (see `pipeline.Source`) to a (H, W, 3) uint8 RGB array (alpha and 16 bits are not kept).
+        Raises as `restore`."""
+
+        def to_pixels(plan: Plan, outputs: list[Tensor], decoded: codec.Decoded) -> np.ndarray:
+            return pipeline.to_pixels(plan.assemble(outputs))
+
+        return await self._run(task, source, to_pixels, arrived, deadline, request_id, gone)
+
+    async def _run(
+        self, task: str, source: pipeline.Source, finish: Callable[[Plan, list[Tensor], codec.Decoded], T],
+        arrived: float, deadline: float, request_id: str, gone: pipeline.Gone | None,
+    ) -> tuple[T, pipeline.Timings]:
+        if task not in self.models:
+            served = ", ".join(self.tasks)
+            raise ServiceError(404, "unknown_task", f"Unknown task {task!r}; this server restores: {served}.")
+        timings = pipeline.Timings()
+        with self.admitted(task, deadline) as ticket:  # before the upload is read; a drain waits for all inside
+            # an upload's bytes count against MPRNET_MAX_INFLIGHT_UPLOAD_BYTES until it is decoded and queued
+            async with pipeline.opened(source) as image:
+                t0 = time.monotonic()
+                with self.batcher.arriving(task):
+                    decoded, plan = await self.in_codec_pool(self._decode_and_plan, image)
+                    t1 = time.monotonic()
+                    timings.decode = t1 - t0
+                    if t1 >= deadline:
+                        raise DeadlineExceeded(t1 - arrived)
+                    # submitted inside `arriving`, no await between: an open batch never misses this request
+                    job = self.batcher.submit(ticket, plan, decoded.image, request_id)
+            outputs = await pipeline.outputs(job, self.batcher, gone)
+            t2 = time.monotonic()
+            result = await self.in_codec_pool(finish, job.plan, outputs, decoded)
+            timings.encode = time.monotonic() - t2
+        if job.started is not None and job.finished is not None:
+            timings.queue, timings.inference = job.started - job.enqueued, job.finished - job.started
+        return result, timings
+
+    def _decode_and_plan(self, image: bytes | np.ndarray) -> tuple[codec.Decoded, Plan]:
+        if isinstance(image, np.ndarray):
+            decoded = pipeline.from_pixels(image, self.settings.max_pixels)
+        else:
+            decoded = codec.decode(image, self.settings.max_pixels, self.settings.decode_budget_s)
+        return decoded, self.planner.plan(decoded.image)
 
     # ---- threads ------------------------------------------------------------------------------
 
