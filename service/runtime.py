@@ -185,10 +185,12 @@ class Service:
         """
         png_effort = self.settings.png_effort
 
-        def encode(plan: Plan, outputs: list[Tensor], decoded: codec.Decoded) -> bytes:
-            return codec.encode(plan.assemble(outputs), decoded, fmt, quality, png_effort)
+        def encode(restored: Tensor, decoded: codec.Decoded) -> bytes:
+            return codec.encode(restored, decoded, fmt, quality, png_effort)
 
-        return await self._run(task, source, encode, arrived, deadline, request_id, gone)
+        return await self.restore_with(
+            task, source, encode, arrived=arrived, deadline=deadline, request_id=request_id, gone=gone
+        )
 
     async def restore_pixels(
         self, task: str, source: pipeline.Source, *, arrived: float, deadline: float, request_id: str = "-",
@@ -197,15 +199,21 @@ class Service:
         """Restore one image (see `pipeline.Source`) to a (H, W, 3) uint8 RGB array (alpha and 16 bits are not kept).
         Raises as `restore`."""
 
-        def to_pixels(plan: Plan, outputs: list[Tensor], decoded: codec.Decoded) -> np.ndarray:
-            return pipeline.to_pixels(plan.assemble(outputs))
+        def to_pixels(restored: Tensor, decoded: codec.Decoded) -> np.ndarray:
+            return pipeline.to_pixels(restored)
 
-        return await self._run(task, source, to_pixels, arrived, deadline, request_id, gone)
+        return await self.restore_with(
+            task, source, to_pixels, arrived=arrived, deadline=deadline, request_id=request_id, gone=gone
+        )
 
-    async def _run(
-        self, task: str, source: pipeline.Source, finish: Callable[[Plan, list[Tensor], codec.Decoded], T],
-        arrived: float, deadline: float, request_id: str, gone: pipeline.Gone | None,
+    async def restore_with(
+        self, task: str, source: pipeline.Source, finish: Callable[[Tensor, codec.Decoded], T], *, arrived: float,
+        deadline: float, request_id: str = "-", gone: pipeline.Gone | None = None,
     ) -> tuple[T, pipeline.Timings]:
+        """The pipeline behind `restore` and `restore_pixels`, for answers of other shapes (e.g. both pixels and a
+        file): `finish(restored, decoded)` runs in a codec thread with the (3, H, W) restored image (uint8, or float
+        in [0, 1] for 16-bit inputs) and the decoded input's metadata (for `codec.encode`); its result is returned.
+        Raises as `restore`."""
         if task not in self.models:
             served = ", ".join(self.tasks)
             raise ServiceError(404, "unknown_task", f"Unknown task {task!r}; this server restores: {served}.")
@@ -224,7 +232,7 @@ class Service:
                     job = self.batcher.submit(ticket, plan, decoded.image, request_id)
             outputs = await pipeline.outputs(job, self.batcher, gone)
             t2 = time.monotonic()
-            result = await self.in_codec_pool(finish, job.plan, outputs, decoded)
+            result = await self.in_codec_pool(_assemble_and, finish, job.plan, outputs, decoded)
             timings.encode = time.monotonic() - t2
         if job.started is not None and job.finished is not None:
             timings.queue, timings.inference = job.started - job.enqueued, job.finished - job.started
@@ -260,3 +268,9 @@ class Service:
             "batching": batching,
             "limits": {"max_upload_bytes": s.max_upload_bytes, "max_pixels": s.max_pixels, "request_timeout_s": s.request_timeout_s},
         }
+
+
+def _assemble_and(
+    finish: Callable[[Tensor, codec.Decoded], T], plan: Plan, outputs: list[Tensor], decoded: codec.Decoded
+) -> T:
+    return finish(plan.assemble(outputs), decoded)

@@ -140,3 +140,15 @@ async def test_an_unknown_task_is_404_and_a_passed_deadline_504():
 def test_server_timing_lists_the_four_steps_in_ms():
     header = Timings(0.001, 0.002, 0.0305, 0).server_timing()
     assert header == "decode;dur=1.0, queue;dur=2.0, inference;dur=30.5, encode;dur=0.0"
+
+
+async def test_restore_with_hands_the_restored_image_and_the_input_metadata_to_finish():
+    async with fake_app() as (_, _, app):
+        service = app.state.service
+        grey = rand_image(12, 10, seed=11, channels=1)
+
+        def both(restored, decoded):
+            return restored.shape, decoded.meta.channels, decoded.format
+
+        (shape, channels, fmt), _ = await service.restore_with("deblur", png(grey), both, **call(service))
+        assert (tuple(shape), channels, fmt) == ((3, 12, 10), 1, "PNG")
