@@ -54,8 +54,11 @@ class DrainingServer(uvicorn.Server):
     async def _drain(self) -> None:
         self.service.start_drain()
         margin = min(1.0, self.grace_s * 0.1)  # leave time to send the last answers and close
-        if not await self.service.wait_idle(max(0.0, self.grace_s - margin)):
-            log.warning("grace period ending with admitted requests still running")
+        if not await self.service.wait_idle(max(0.0, self.grace_s - 2 * margin)):
+            # bodies still arriving now could not be served in time: answer them (503) and close
+            self.service.uploads.drain(0)
+            if not await self.service.wait_idle(margin):
+                log.warning("grace period ending with admitted requests still running")
         assert self.draining_since is not None
         self.config.timeout_graceful_shutdown = max(0.1, self.grace_s - (time.monotonic() - self.draining_since))
         self.should_exit = True

@@ -81,13 +81,14 @@ async def restore(
     s = service.settings
     try:
         fmt = output_format(format, request.headers.get("accept"))
+        deadline = service.deadline(request.scope["arrived"], timeout)
         body, timings = await service.restore(
             task,
-            lambda: image_upload(request, s.max_upload_bytes, service.uploads),  # read only once admitted
+            lambda: image_upload(request, s.max_upload_bytes, service.uploads, deadline),  # read only once admitted
             fmt=fmt,
             quality=quality,
             arrived=request.scope["arrived"],
-            deadline=service.deadline(request.scope["arrived"], timeout),
+            deadline=deadline,
             request_id=request.scope["request_id"],
             gone=lambda: wait_for_disconnect(request.receive),
         )

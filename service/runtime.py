@@ -42,7 +42,7 @@ class Service:
         device = next(iter(models.values())).device
         self.worker = DeviceWorker({t: m.runner for t, m in models.items()}, device, settings.torch_threads or torch.get_num_threads())
         self.metrics.watch_device(device)
-        self.uploads = UploadBudget(settings.max_inflight_upload_bytes)
+        self.uploads = UploadBudget(settings.max_inflight_upload_bytes, settings.upload_idle_timeout_s)
         self.metrics.uploads.set_function(lambda: self.uploads.used)
         self.batcher = MicroBatcher(
             self.tasks,
@@ -134,6 +134,7 @@ class Service:
         if not self.draining:
             log.info("draining: refusing new work, finishing %d admitted requests", self._in_flight)
         self.draining = True
+        self.uploads.drain()  # bodies still arriving are cut once they stall
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once no admitted request is left (within `timeout_s`)."""

@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     # 64 KB; a 25 MP PNG or progressive JPEG decodes in about 1 s on one core of the 2-core CPU).
     decode_budget_s: float = Field(10.0, gt=0, le=600)
     request_timeout_s: float = Field(60.0, gt=0)  # deadline before compute starts; a header may shorten it
+    upload_idle_timeout_s: float = Field(15.0, gt=0)  # no byte of a request body for this long: 408
     grace_period_s: float = Field(30.0, ge=0)
     png_effort: Literal["fast", "small"] = "fast"  # fast: "up" filter (about 1 ms at 256x256); small: adaptive, 1-4 % smaller
     codec_threads: int = Field(max(2, min(8, os.cpu_count() or 2)), ge=1, le=64)

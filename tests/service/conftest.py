@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -107,3 +108,42 @@ def decode(data: bytes) -> np.ndarray:
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory) -> Path:
     return tiny_weights(tmp_path_factory.mktemp("weights"))
+
+
+def scope_for(headers: list[tuple[bytes, bytes]], path: str = "/restore/denoise") -> dict:
+    """The ASGI scope of a POST of a PNG to `path` with extra `headers`, for driving the app directly."""
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1),
+            "server": ("test", 80), "headers": [(b"content-type", b"image/png"), *headers]}
+
+
+class SlowUpload:
+    """An ASGI request whose body arrives in two parts, the second only when released. `first`: bytes of
+    the first part (default half; 0: nothing arrives until the release)."""
+
+    def __init__(self, body: bytes, first: int | None = None) -> None:
+        n = len(body) // 2 if first is None else first
+        self.parts = [body[:n], body[n:]] if n else [body]
+        self.release = asyncio.Event()
+        self.first_sent = asyncio.Event()  # the app asked for the body (and got the first part, if any)
+        self.messages: list[dict] = []
+
+    async def receive(self) -> dict:
+        self.first_sent.set()
+        if len(self.parts) == 2:
+            return {"type": "http.request", "body": self.parts.pop(0), "more_body": True}
+        if self.parts:
+            await self.release.wait()
+            return {"type": "http.request", "body": self.parts.pop(0), "more_body": False}
+        await asyncio.Event().wait()  # then the client just waits for its answer
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict) -> None:
+        self.messages.append(message)
+
+    def answer(self) -> tuple[int, bytes]:
+        status = next(m["status"] for m in self.messages if m["type"] == "http.response.start")
+        return status, b"".join(m.get("body", b"") for m in self.messages if m["type"] == "http.response.body")
+
+    def headers(self) -> dict[bytes, bytes]:
+        return dict(next(m["headers"] for m in self.messages if m["type"] == "http.response.start"))

@@ -9,40 +9,10 @@ import anyio
 import pytest
 
 from tests.live_server import metric_value
-from tests.service.conftest import FakeModel, fake_app, png, rand_image
+from tests.service.conftest import FakeModel, SlowUpload, fake_app, png, rand_image, scope_for
 
 pytestmark = pytest.mark.anyio
 RAW = {"content-type": "image/png"}
-
-
-def scope_for(path: str, headers: list[tuple[bytes, bytes]]) -> dict:
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-            "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1),
-            "server": ("test", 80), "headers": [(b"content-type", b"image/png"), *headers]}
-
-
-class Recorder:
-    """An ASGI client whose body never arrives; records what the app sends."""
-
-    def __init__(self) -> None:
-        self.messages: list[dict] = []
-        self.body_asked = False
-
-    async def receive(self) -> dict:
-        self.body_asked = True
-        await asyncio.Event().wait()
-        return {"type": "http.disconnect"}
-
-    async def send(self, message: dict) -> None:
-        self.messages.append(message)
-
-    @property
-    def status(self) -> int:
-        return next(m["status"] for m in self.messages if m["type"] == "http.response.start")
-
-    @property
-    def headers(self) -> dict[bytes, bytes]:
-        return dict(next(m["headers"] for m in self.messages if m["type"] == "http.response.start"))
 
 
 async def occupy(client, model: FakeModel, task: str = "deblur") -> asyncio.Task:
@@ -59,11 +29,11 @@ async def test_a_request_the_queue_cannot_serve_in_time_hears_429_before_its_bod
         held = await occupy(client, model)
         batcher.seed_throughput("deblur", 1.0, 1.0)  # nothing measured yet: 1 pixel/s, so the held batch takes long
         assert batcher.expected_wait("deblur") > 60
-        late = Recorder()
+        late = SlowUpload(b"\x89PNG" * 25_000, first=0)  # its body never arrives
         with anyio.fail_after(10):
-            await app(scope_for("/restore/deblur", [(b"content-length", b"100000")]), late.receive, late.send)
-        assert late.status == 429 and not late.body_asked
-        assert int(late.headers[b"retry-after"]) > 60
+            await app(scope_for([(b"content-length", b"100000")], "/restore/deblur"), late.receive, late.send)
+        assert late.answer()[0] == 429 and not late.first_sent.is_set()
+        assert int(late.headers()[b"retry-after"]) > 60
         model.gate.set()
         assert (await held).status_code == 200
         text = (await client.get("/metrics")).text

@@ -9,42 +9,9 @@ import pytest
 
 from service.errors import ServiceError
 from service.http_io import UploadBudget
-from tests.service.conftest import decode, fake_app, png, rand_image
+from tests.service.conftest import SlowUpload, decode, fake_app, png, rand_image, scope_for
 
 pytestmark = pytest.mark.anyio
-
-
-def scope_for(headers: list[tuple[bytes, bytes]]) -> dict:
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/restore/denoise",
-            "raw_path": b"/restore/denoise", "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1), "server": ("test", 80),
-            "headers": [(b"content-type", b"image/png"), *headers]}
-
-
-class SlowUpload:
-    """An ASGI request whose body arrives in two parts, the second only when released."""
-
-    def __init__(self, body: bytes) -> None:
-        self.parts = [body[: len(body) // 2], body[len(body) // 2 :]]
-        self.release = asyncio.Event()
-        self.first_sent = asyncio.Event()
-        self.messages: list[dict] = []
-
-    async def receive(self) -> dict:
-        if len(self.parts) == 2:
-            self.first_sent.set()
-            return {"type": "http.request", "body": self.parts.pop(0), "more_body": True}
-        if self.parts:
-            await self.release.wait()
-            return {"type": "http.request", "body": self.parts.pop(0), "more_body": False}
-        await asyncio.Event().wait()  # then the client just waits for its answer
-        return {"type": "http.disconnect"}
-
-    async def send(self, message: dict) -> None:
-        self.messages.append(message)
-
-    def answer(self) -> tuple[int, bytes]:
-        status = next(m["status"] for m in self.messages if m["type"] == "http.response.start")
-        return status, b"".join(m.get("body", b"") for m in self.messages if m["type"] == "http.response.body")
 
 
 def test_budget_arithmetic():
@@ -70,7 +37,7 @@ async def test_a_held_upload_blocks_others_until_it_is_decoded(declared):
         await slow.first_sent.wait()
         await asyncio.sleep(0.05)
         service = app.state.service
-        assert service.uploads.used == (len(body) if declared else len(body) // 2)
+        assert service.uploads.used == len(body) // 2, slow.messages  # counted as it arrives, declared or not
         # a second upload does not fit next to the first: refused at once, with Retry-After
         other = png(rand_image(32, 32, seed=2))
         assert service.uploads.used + len(other) > 4096
@@ -101,3 +68,94 @@ def test_budget_smaller_than_one_upload_is_refused_at_start_up():
 
     with pytest.raises(ValueError, match="MPRNET_MAX_INFLIGHT_UPLOAD_BYTES"):
         test_settings(max_upload_bytes=1 << 20, max_inflight_upload_bytes=1 << 19)
+
+
+async def test_uploads_that_declare_a_size_and_send_nothing_hold_nothing_and_time_out_with_408():
+    body = png(rand_image(32, 32, seed=4))
+    limits = {"max_upload_bytes": 4096, "max_inflight_upload_bytes": 4096, "upload_idle_timeout_s": 0.5}
+    async with fake_app(**limits) as (client, _, app):
+        silent = [SlowUpload(b"\0" * 4096, first=0) for _ in range(6)]
+        calls = [asyncio.create_task(app(scope_for([(b"content-length", b"4096")]), s.receive, s.send)) for s in silent]
+        for s in silent:
+            await s.first_sent.wait()
+        assert app.state.service.uploads.used == 0  # declared, not received: nothing reserved
+        r = await client.post("/restore/denoise", content=body, headers={"content-type": "image/png"})
+        assert r.status_code == 200
+        await asyncio.wait_for(asyncio.gather(*calls), 30)
+        for s in silent:
+            status, content = s.answer()
+            assert status == 408 and b'"code":"upload_timeout"' in content and b"0.5 s" in content
+            assert s.headers()[b"connection"] == b"close"
+
+
+async def test_a_body_still_arriving_at_the_request_deadline_is_408():
+    body = png(rand_image(32, 32, seed=5))
+    async with fake_app() as (_, model, app):
+        slow = SlowUpload(body)  # half of it, then nothing
+        warm_up = len(model.batches)
+        await asyncio.wait_for(app(scope_for([(b"x-request-timeout", b"0.3")]), slow.receive, slow.send), 30)
+        status, content = slow.answer()
+        assert status == 408 and b"deadline" in content
+        assert app.state.service.uploads.used == 0 and len(model.batches) == warm_up
+
+
+async def test_a_drain_cuts_stalled_uploads_with_503_and_lets_arriving_ones_finish():
+    stalled_body, arriving_body = png(rand_image(32, 32, seed=6)), png(rand_image(32, 32, seed=7))
+    async with fake_app() as (_, _, app):
+        stalled, arriving = SlowUpload(stalled_body), SlowUpload(arriving_body)
+        calls = [asyncio.create_task(app(scope_for([]), u.receive, u.send)) for u in (stalled, arriving)]
+        await stalled.first_sent.wait()
+        await arriving.first_sent.wait()
+        app.state.service.start_drain()
+        arriving.release.set()  # its next bytes come at once
+        await asyncio.wait_for(asyncio.gather(*calls), 30)
+        status, content = stalled.answer()
+        assert status == 503 and b'"code":"draining"' in content and stalled.headers()[b"connection"] == b"close"
+        status, content = arriving.answer()
+        assert status == 200 and np.array_equal(decode(content), decode(arriving_body))
+        assert app.state.service.uploads.used == 0
+
+
+async def test_the_end_of_a_drain_cuts_every_upload_still_arriving():
+    async with fake_app() as (_, _, app):
+        slow = SlowUpload(png(rand_image(32, 32, seed=8)))
+        call = asyncio.create_task(app(scope_for([]), slow.receive, slow.send))
+        await slow.first_sent.wait()
+        app.state.service.uploads.drain(0)
+        await asyncio.wait_for(call, 10)
+        assert slow.answer()[0] == 503
+
+
+def multipart(field: str, data: bytes, boundary: str = "b0undary") -> tuple[bytes, bytes]:
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="x.png"\r\n'
+    head += "Content-Type: image/png\r\n\r\n"
+    body = head.encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}".encode()
+
+
+async def test_a_multipart_upload_holds_about_the_image_s_bytes_not_twice_them():
+    """The body is parsed as it arrives (spooled to disk past 1 MB), so the memory held at the peak is
+    the image read out once, plus a chunk; it was the whole body plus a copy of the image."""
+    import tracemalloc
+
+    from starlette.requests import Request
+
+    from service.http_io import image_bytes
+
+    image = np.random.default_rng(0).bytes(4 << 20)
+    body, ctype = multipart("image", image)
+    chunks = [body[i : i + 65536] for i in range(0, len(body), 65536)]
+
+    async def receive() -> dict:
+        chunk = chunks.pop(0)
+        return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+    request = Request({**scope_for([(b"content-type", ctype)]), "headers": [(b"content-type", ctype)]}, receive)
+    tracemalloc.start()
+    try:
+        got = await image_bytes(request, len(body))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got == image
+    assert peak < 1.3 * len(image), f"peak {peak / len(image):.2f}x the image"
