@@ -5,10 +5,19 @@ service moves them to the device like that, a quarter of float32's bytes, and sc
 `from_tensor` takes such a uint8 result as well as a float one.
 
 Accepted: numpy arrays H x W, H x W x 1, H x W x 3 or H x W x 4 of uint8 or uint16, and PIL images
-(L, LA, RGB, RGBA, P, CMYK, I;16 and friends). The result comes back as the same kind of object with
-the same size, channels and bit depth (and the same PIL mode; palette images get a new adaptive
-palette): grayscale is replicated to RGB for the network and averaged back; alpha is passed through
-untouched.
+of every mode Pillow opens. The result comes back as the same kind of object with the same size,
+channels and bit depth (and the same PIL mode; palette images get a new adaptive palette): grayscale
+is replicated to RGB for the network and averaged back; alpha is passed through untouched. Modes
+that are not plain levels are read as follows (ValueError, with the reason, where they cannot be):
+
+- I (32-bit integers; Pillow opens signed 16-bit and 32-bit TIFFs so) holds 16-bit levels: values
+  must lie in 0..65535, and come back in mode I;
+- F (32-bit float) holds levels in 0..1 (1 is white), restored at 16-bit precision; values outside
+  0..1, NaN or infinity are refused;
+- YCbCr and LAB come back as RGB (other encodings of colour; LAB is converted to sRGB); La
+  (premultiplied alpha) as LA; CMYK and HSV go to RGB and back.
+
+`for_format(image, "PNG" | "JPEG" | ...)` then gives an image the file format can store.
 """
 
 from __future__ import annotations
@@ -38,16 +47,32 @@ def _pil_to_array(img: Image.Image) -> tuple[np.ndarray, str]:
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return np.asarray(img, dtype=np.uint16), mode
-    if mode == "I":  # 32-bit integer, as Pillow opens many 16-bit PNGs
-        return np.clip(np.asarray(img), 0, 65535).astype(np.uint16), mode
+    if mode == "I":  # 32-bit integers holding 16-bit levels
+        levels = np.asarray(img)
+        low, high = (int(levels.min()), int(levels.max())) if levels.size else (0, 0)
+        if low < 0 or high > 65535:
+            raise ValueError(f"mode I pixels are read as 16-bit levels 0..65535; this image holds {low}..{high}")
+        return levels.astype(np.uint16), mode
+    if mode == "F":  # 32-bit float levels, 1 is white
+        levels = np.asarray(img)
+        if not np.isfinite(levels).all():
+            raise ValueError("float (mode F) pixels must be levels in 0..1; this image holds NaN or infinity")
+        low, high = (float(levels.min()), float(levels.max())) if levels.size else (0.0, 0.0)
+        if low < 0 or high > 1:
+            raise ValueError(f"float (mode F) pixels must be levels in 0..1 (1 is white); it holds {low:g}..{high:g}")
+        return np.rint(levels * 65535.0).astype(np.uint16), mode
     if mode in ("L", "LA", "RGB", "RGBA"):
         return np.asarray(img), mode
+    if mode == "La":  # premultiplied alpha
+        return np.asarray(img.convert("LA")), "LA"
+    if mode in ("YCbCr", "LAB"):  # other encodings of colour (Pillow converts LAB colorimetrically, to sRGB)
+        return np.asarray(img.convert("RGB")), "RGB"
     if mode == "P" or mode == "PA":
         target = "RGBA" if ("transparency" in img.info or mode == "PA") else "RGB"
         return np.asarray(img.convert(target)), mode
     if mode == "1":
         return np.asarray(img.convert("L")), mode
-    # CMYK, YCbCr, LAB, HSV, F ...: the network works in RGB
+    # CMYK, HSV: the network works in RGB; the answer is converted back
     return np.asarray(img.convert("RGB")), mode
 
 
@@ -141,12 +166,52 @@ def _float_to_array(x: Tensor, meta: ImageMeta) -> np.ndarray:
 def _array_to_pil(out: np.ndarray, mode: str) -> Image.Image:
     if mode == "I":
         return Image.fromarray(out.astype(np.int32))
+    if mode == "F":
+        return Image.fromarray((out / 65535.0).astype(np.float32))
     img = Image.fromarray(out)  # Pillow infers L / LA / RGB / RGBA / I;16 from the shape and dtype
     if mode == "1":
         return img.convert("1", dither=Image.Dither.NONE)  # threshold: a bilevel image has no grey to dither
     if mode in ("P", "PA"):
         # the restoration has colours the old palette lacks: a new adaptive palette (alpha kept in it)
         return img.quantize(256)
-    if mode in ("CMYK", "YCbCr", "HSV"):
+    if mode in ("CMYK", "HSV"):
         return img.convert(mode)  # back from the RGB the network saw
-    return img  # L, LA, RGB, RGBA, I;16 (any byte order); modes Pillow cannot make from RGB stay RGB
+    return img  # L, LA, RGB, RGBA, I;16 (any byte order)
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grey -> 8-bit grey (L), rounded; bilevel -> L; others unchanged."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return Image.fromarray(np.clip(np.rint(np.asarray(img).astype(np.float64) / 257.0), 0, 255).astype(np.uint8))
+    if img.mode == "F":
+        return Image.fromarray(np.rint(np.clip(np.asarray(img), 0, 1) * 255.0).astype(np.uint8))
+    if img.mode == "1":
+        return img.convert("L")
+    return img
+
+
+# The modes each format stores as they are (TIFF stores every mode)
+_STORES = {
+    "PNG": ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I;16N"),
+    "JPEG": ("L", "RGB", "CMYK"),
+    "WEBP": ("RGB", "RGBA"),
+    "BMP": ("1", "L", "P", "RGB", "RGBA"),
+}
+
+
+def for_format(img: Image.Image, fmt: str) -> Image.Image:
+    """`img` in a mode the file format `fmt` (Pillow's name: PNG, JPEG, WEBP, BMP, TIFF) can store: 32-bit
+    integer and float grey become 16-bit grey in PNG and 8-bit grey elsewhere, as other deep modes do;
+    modes a format lacks become RGB, or RGBA where there is alpha and the format has it (JPEG has none)."""
+    keep = _STORES.get(fmt.upper())
+    if keep is None or img.mode in keep:
+        return img
+    if "I;16" in keep and img.mode in ("I", "F"):
+        levels = np.asarray(img).astype(np.float64) * (65535.0 if img.mode == "F" else 1.0)
+        return Image.fromarray(np.clip(np.rint(levels), 0, 65535).astype(np.uint16))
+    img = to_8bit(img)
+    if img.mode in keep:
+        return img
+    if "RGBA" not in keep:
+        return img.convert("L" if img.mode in ("LA", "La") else "RGB")
+    return img.convert("RGBA" if img.has_transparency_data else "RGB")

@@ -3,8 +3,10 @@
 Decoding checks the header before touching pixels: the pixel cap is enforced from the header, so a
 decompression bomb is refused without being decompressed. Only the formats in `FORMATS` are opened
 (never, say, EPS, which would run Ghostscript). EXIF orientation is applied, the ICC profile kept,
-CMYK converted to sRGB through its profile, palettes expanded (re-quantized on the way out), animations reduced to their first
-frame. Encoding keeps size, mode and depth where the format allows: PNG keeps alpha and 16 bits
+CMYK converted to sRGB through its profile, palettes expanded (re-quantized on the way out),
+animations reduced to their first frame; the other modes as model/images.py reads them (32-bit
+integer and float grey as 16-bit levels, or 415 before any compute when their values are out of
+range; YCbCr and LAB as RGB). Encoding keeps size, mode and depth where the format allows: PNG keeps alpha and 16 bits
 (grey, grey+alpha, RGB and RGBA go through service/png.py, a numpy-filtered writer with ISA-L deflate,
 about 1 ms instead of Pillow's 9 for 256x256 RGB; other modes through Pillow at level 1 with the
 run-length strategy); JPEG has neither; WebP keeps alpha, not 16 bits.
@@ -23,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from model.images import ImageMeta, from_tensor, to_tensor
+from model.images import ImageMeta, for_format, from_tensor, to_tensor
 
 from . import structure
 from .errors import ServiceError
@@ -32,7 +34,8 @@ from .png import encode_png
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # what Pillow may open
 OUTPUTS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # Modes whose pixels service/png.py writes directly (the rest, e.g. palettes, go through Pillow)
-FAST_PNG_MODES = (None, "L", "LA", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I;16N")
+# (I and F: 32-bit integer and float grey, held as 16-bit levels, are answered as 16-bit grey PNGs.)
+FAST_PNG_MODES = (None, "L", "LA", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 # Pillow's PNG: zlib level 1 with the run-length strategy. Measured on a 256x256 photo, blurred photo and flat
 # image (2-core x86, CPU ms / KB): default level 6 13.5 / 173 on the photo; level 1 14.3 / 176, 9.3 /
 # 88, 0.8 / 2.2; level 1 + Z_RLE 10.1 / 173, 7.7 / 76, 0.8 / 1.1: faster and smaller on all three.
@@ -144,7 +147,7 @@ def decode(
     try:
         tensor, meta = to_tensor(img, keep_uint8=True)
     except (TypeError, ValueError) as e:
-        raise unsupported(f"Images of mode {img.mode} are not supported ({e}).") from None
+        raise unsupported(f"This mode {img.mode} image cannot be restored: {e}.") from None
     return Decoded(tensor, meta, icc, exif, fmt)
 
 
@@ -176,15 +179,6 @@ def _cmyk_to_rgb(img: Image.Image, icc: bytes | None) -> Image.Image:
     return img.convert("RGB")
 
 
-def to_8bit(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img).astype(np.float64)
-        return Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8))
-    if img.mode == "1":
-        return img.convert("L")
-    return img
-
-
 def encode(restored: Tensor, decoded: Decoded, fmt: str, quality: int | None, png_effort: str = "fast") -> bytes:
     """(3, H, W) restored tensor (uint8 pixel values or float in [0, 1]) -> bytes in `fmt` (png, jpeg or
     webp), in the input's mode where possible."""
@@ -205,16 +199,11 @@ def encode(restored: Tensor, decoded: Decoded, fmt: str, quality: int | None, pn
 
 def _save(img: Image.Image, fmt: str, quality: int | None, extra: dict) -> bytes:
     buf = io.BytesIO()
+    img = for_format(img, fmt)  # 8 bits for JPEG and WebP, no alpha in JPEG; 16-bit grey for I and F in PNG
     if fmt == "png":
         img.save(buf, "PNG", compress_level=PNG_COMPRESS_LEVEL, compress_type=zlib.Z_RLE, **extra)
     elif fmt == "jpeg":
-        img = to_8bit(img)
-        if img.mode not in ("L", "RGB"):
-            img = img.convert("L" if img.mode == "LA" else "RGB")  # JPEG has no alpha and no palette
         img.save(buf, "JPEG", quality=quality or 90, **extra)
     else:
-        img = to_8bit(img)
-        if img.mode not in ("RGB", "RGBA"):
-            img = img.convert("RGBA" if img.has_transparency_data else "RGB")
         img.save(buf, "WEBP", quality=quality or 90, method=0, **extra)
     return buf.getvalue()

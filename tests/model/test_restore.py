@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from model.images import from_tensor, to_float, to_tensor, to_uint8
+from model.images import for_format, from_tensor, to_8bit, to_float, to_tensor, to_uint8
 from model.inference import Restorer, TileSettings, resolve_device, resolve_precision
 from model.tiling import pad_to, pad_to_multiple
 
@@ -130,6 +130,45 @@ def test_pil_modes_come_back_in_the_same_mode_and_size(identity, photo, mode):
         assert np.array_equal(np.asarray(out.convert("RGBA")), np.asarray(image.convert("RGBA")))
     else:
         assert np.array_equal(np.asarray(out), np.asarray(image))
+
+
+def test_wide_and_other_colour_modes(identity, photo):
+    """Mode I and F hold 16-bit levels (F: 0..1), restored in their mode; YCbCr and LAB come back as RGB,
+    premultiplied La as LA; values those modes cannot mean are a ValueError that says what was found."""
+    levels = photo[..., 0].astype(np.int32) * 257
+    out = _restorer(identity).restore(Image.fromarray(levels))
+    assert out.mode == "I" and np.array_equal(np.asarray(out), levels)
+    floats = (levels / 65535.0).astype(np.float32)
+    out = _restorer(identity).restore(Image.fromarray(floats))
+    assert out.mode == "F" and np.abs(np.asarray(out) - floats).max() <= 0.5 / 65535 + 1e-7
+    rgb = Image.fromarray(photo)
+    for mode in ("YCbCr", "LAB"):
+        image = rgb.convert(mode)
+        out = _restorer(identity).restore(image)
+        assert out.mode == "RGB" and np.array_equal(np.asarray(out), np.asarray(image.convert("RGB")))
+    la = Image.fromarray(np.dstack([photo[..., 0], np.full(photo.shape[:2], 255, np.uint8)])).convert("La")
+    out = _restorer(identity).restore(la)
+    assert out.mode == "LA" and np.array_equal(np.asarray(out), np.asarray(la.convert("LA")))
+    with pytest.raises(ValueError, match=r"-1\.\."):
+        _restorer(identity).restore(Image.fromarray(levels - 1))
+    with pytest.raises(ValueError, match="0..1"):
+        _restorer(identity).restore(Image.fromarray(floats * 2))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "TIFF"])
+def test_for_format_gives_every_mode_a_mode_the_format_stores(fmt, tmp_path, photo):
+    grey = photo[..., 0]
+    modes = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB")
+    images = [Image.fromarray(photo).convert(m) for m in modes]
+    images += [Image.fromarray(grey.astype(np.uint16) * 257), Image.fromarray(grey.astype(np.int32) * 257),
+               Image.fromarray((grey / 255.0).astype(np.float32))]
+    for image in images:
+        saved = for_format(image, fmt)
+        saved.save(tmp_path / f"x.{fmt.lower()}", fmt)
+        with Image.open(tmp_path / f"x.{fmt.lower()}") as back:
+            shown = np.asarray(to_8bit(back).convert("RGBA").convert("L")).astype(int)
+        meant = grey if image.mode in ("I;16", "I", "F") else np.asarray(image.convert("RGBA").convert("L"))
+        assert np.abs(shown - meant).mean() < 10, (fmt, image.mode)  # JPEG's loss on a palette image: about 7
 
 
 def test_pil_alpha_is_untouched_by_the_model(photo):
