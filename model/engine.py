@@ -1,4 +1,4 @@
-"""The engine behind the batcher: a `Restorer` that runs a few static shapes fast.
+"""The torch engine behind the batcher: a `Restorer` that runs a few static shapes fast.
 
 The batcher hands the device batches of a handful of item shapes (its buckets and tiles). The
 engine makes each (batch, height, width) a *static shape*:
@@ -29,13 +29,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .inference import PRECISIONS, Restorer, TileSettings
+from .engine_api import MemoryUse, Shape, TileSettings
+from .inference import PRECISIONS, Restorer
 from .transfer import Uint8Transfer
 
 log = logging.getLogger("model.engine")
 
 COMPILE_MODES = ("off", "default", "reduce-overhead")
-Shape = tuple[int, int, int]  # (batch, height, width) of the network's input
+__all__ = ["COMPILE_MODES", "Engine", "EngineSettings", "MemoryUse", "Shape", "configure_compile_cache", "static_batch_sizes"]
 
 
 def static_batch_sizes(max_batch: int) -> tuple[int, ...]:
@@ -68,17 +69,6 @@ class EngineSettings:
         if self.compile not in COMPILE_MODES + ("auto",):
             raise ValueError(f"unknown compile mode {self.compile!r}: use auto, off, default or reduce-overhead")
         static_batch_sizes(self.max_batch)  # validates
-
-
-@dataclass
-class MemoryUse:
-    """Device memory of one static shape, measured when it was first run (bytes; None on the CPU)."""
-
-    peak_bytes: int | None  # most memory the pass needed above what was allocated before it
-    # growth of the memory the allocator holds (graph pool, static buffers, cache) over the warm-up: a
-    # graph's private pool stays taken; shapes share one pool, so later shapes add only their excess
-    retained_bytes: int | None
-    warmup_s: float = 0.0  # compile + capture + first runs
 
 
 def configure_compile_cache(cache_dir: str | os.PathLike[str]) -> Path:
@@ -345,6 +335,7 @@ class Engine(Restorer):
     def describe(self) -> dict:
         """What the engine does, for GET /tasks: modes and the memory of each warm shape."""
         return {
+            **super().describe(),
             "compile": self.compile_mode,
             "cuda_graphs": self.cuda_graphs,
             "channels_last": self.channels_last,

@@ -1,4 +1,4 @@
-"""Inference: device and precision, padding, tiling, and `restore` for whole images.
+"""Device and precision, and the plain torch engine (`Restorer`); whole images and tiling are in engine_api.
 
 The release's convention: RGB float in [0, 1]; pad H and W up to a multiple of 8 (reflect); run;
 take element 0 of the output; clamp to [0, 1]; crop the padding away.
@@ -7,16 +7,12 @@ take element 0 of the output; clamp to [0, 1]; crop the padding away.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
-from .images import from_tensor, to_tensor
-from .tiling import TileAssembler, extract_tiles, pad_to_multiple, plan_tiles
+from .engine_api import InferenceEngine, TileSettings
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,19 +43,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-@dataclass(frozen=True)
-class TileSettings:
-    size: int = 512  # tile edge in pixels (multiple of 8); images up to this size run whole
-    overlap: int = 32  # pixels shared by neighbouring tiles (multiple of 8)
-    batch: int = 4  # tiles per forward pass: with `size`, this bounds peak memory
+class Restorer(InferenceEngine):
+    """The torch engine in its plainest form: a model on a device, with a precision, run eagerly.
 
-
-class Restorer:
-    """A warm model on a device, with a precision, that restores batches and whole images.
-
-    `run_batch` is the small interface the service builds on: a batch of same-shaped images in,
-    the same shape out, no padding or tiling decisions.
+    (`engine.Engine` adds static shapes, torch.compile and CUDA graphs.)
     """
+
+    name = "torch"
 
     def __init__(
         self,
@@ -71,10 +61,7 @@ class Restorer:
     ) -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.tiles = tiles
-        plan_tiles(tiles.size, tiles.size, tiles.size, tiles.overlap)  # validates the settings early
-        if tiles.batch < 1:
-            raise ValueError(f"tile batch must be at least 1, got {tiles.batch}")
+        self.tiles = tiles  # validated when made
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = model.eval().to(self.device, memory_format=memory_format)
@@ -96,28 +83,6 @@ class Restorer:
         with self._autocast():
             y = self.model(x)[0]
         return y.float().clamp_(0, 1).contiguous().to(source_device)
-
-    @torch.inference_mode()
-    def restore_tensor(self, x: Tensor) -> Tensor:
-        """(3, H, W) float in [0, 1], any size from 1x1 -> (3, H, W) restored; tiles when larger than a tile."""
-        _, h, w = x.shape
-        t = self.tiles
-        if h <= t.size and w <= t.size:
-            return self.run_batch(pad_to_multiple(x).unsqueeze(0))[0, :, :h, :w]
-        plan = plan_tiles(h, w, t.size, t.overlap)
-        out = TileAssembler(plan, channels=x.shape[0], device=x.device)
-        for start in range(0, len(plan), t.batch):
-            tiles = extract_tiles(x, plan, start, start + t.batch)  # (<= batch, 3, tile_h, tile_w)
-            for i, tile in enumerate(self.run_batch(tiles), start=start):
-                out.add(i, tile)
-        return out.result()
-
-    def restore(self, image: np.ndarray | Image.Image) -> np.ndarray | Image.Image:
-        """Restore a uint8/uint16 gray, RGB or RGBA image (array or PIL); same size, mode and depth out."""
-        x, meta = to_tensor(image)
-        y = self.restore_tensor(x)
-        del x  # one image-sized buffer fewer while converting back (large images)
-        return from_tensor(y, meta)
 
 
 def load_restorer(weights: str | Path, device: str = "auto", precision: str = "auto", tiles: TileSettings = TileSettings()) -> Restorer:

@@ -12,12 +12,17 @@ It returns a `Pending` at once. Uploads and downloads run on their own streams, 
 submits batch n+1 before waiting on batch n uploads n+1 while n computes. On the CPU the same calls
 run synchronously. Rounding matches `images.from_tensor` (round half to even of x * 255), so the
 result equals the float path's, bit for bit, when the network's output is the same.
+
+`items_to_device` / `items_from_device` are the same boundary for the service's batches: same-shaped
+items, each uint8 or float32, cross as one stacked copy per dtype (staged in pinned memory on CUDA)
+and are scaled to one float batch on the device; results cross back rounded to uint8 on the device
+for the uint8 items, float32 for the others.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +50,54 @@ def infer_layout(shape: tuple[int, ...], layout: str | None = None) -> str:
     if not (last or first):
         raise ValueError(f"expected 3 color channels in (B, H, W, 3) or (B, 3, H, W), got shape {tuple(shape)}")
     return "BHWC" if last else "BCHW"
+
+
+def staged(x: Tensor) -> Tensor:
+    """A host tensor in pinned memory (itself when it is already pinned): a copy from it to CUDA need not block."""
+    return x if x.is_pinned() else torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x)
+
+
+def _rows(keys: Iterable[Hashable]) -> dict[Hashable, list[int]]:
+    """Item indices grouped by key, groups in the order their first item comes."""
+    groups: dict[Hashable, list[int]] = {}
+    for k, key in enumerate(keys):
+        groups.setdefault(key, []).append(k)
+    return groups
+
+
+def _upload(items: list[Tensor], device: torch.device) -> Tensor:
+    """Same-dtype host items -> one (B, 3, h, w) batch of that dtype on `device`."""
+    if device.type != "cuda":
+        return torch.stack(items).to(device)
+    # The caching host allocator keeps the pinned block until the copy has read it, and the compute
+    # stream orders after the copy.
+    pinned = torch.empty((len(items), *items[0].shape), dtype=items[0].dtype, pin_memory=True)
+    torch.stack(items, out=pinned)
+    return pinned.to(device, non_blocking=True)
+
+
+def items_to_device(items: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Same-shaped (3, h, w) host items, uint8 or float -> one (B, 3, h, w) float32 batch in [0, 1] on `device`."""
+    items = list(items)
+    parts = [(rows, to_float(_upload([items[k] for k in rows], device))) for rows in _rows(i.dtype for i in items).values()]
+    if len(parts) == 1:
+        return parts[0][1]
+    x = torch.empty((len(items), *items[0].shape), dtype=torch.float32, device=device)  # 8- and 16-bit items
+    for rows, part in parts:
+        x[rows] = part  # each item in its place
+    return x
+
+
+def items_from_device(y: Tensor, quantise: Sequence[bool]) -> list[Tensor]:
+    """(B, 3, h, w) float results on the device -> B host tensors: uint8 (rounded on the device, a quarter
+    of the bytes back) where `quantise` says so, float32 elsewhere; in item order."""
+    results: dict[int, Tensor] = {}
+    groups = _rows(quantise)
+    for to_8bit, rows in groups.items():
+        part = y if len(groups) == 1 else y[rows]
+        part = (to_uint8(part) if to_8bit else part.float()).cpu()
+        results.update(zip(rows, part.unbind(0), strict=True))
+    return [results[k] for k in range(len(quantise))]
 
 
 class Pending:
@@ -100,9 +153,8 @@ class Uint8Transfer:
         compute = torch.cuda.current_stream(self.device)
         on_host = x.device.type == "cpu"
         if on_host:
-            staged = x if x.is_pinned() else torch.empty(x.shape, dtype=torch.uint8, pin_memory=True).copy_(x)
             with torch.cuda.stream(self.upload):
-                dev = staged.to(self.device, non_blocking=True)
+                dev = staged(x).to(self.device, non_blocking=True)
             compute.wait_stream(self.upload)
             dev.record_stream(compute)  # allocated on the upload stream, read on the compute stream
         else:

@@ -15,7 +15,8 @@ import torch
 from model.bundled import bundled_weights
 from model.checkpoint import CheckpointError, load_mprnet, sha256_file
 from model.engine import Engine, EngineSettings
-from model.inference import TileSettings, resolve_device
+from model.engine_api import InferenceEngine, TileSettings
+from model.inference import resolve_device
 from model.variants import PAPER_TASKS, config_from_state_dict
 
 from .settings import Settings
@@ -30,7 +31,7 @@ class TaskModel:
     """A task's warm model and where it came from (shown by GET /tasks)."""
 
     task: str
-    runner: Any  # has run_batch((B, 3, H, W)) -> (B, 3, H, W); a Restorer in production, a fake in tests
+    engine: InferenceEngine  # the torch or OpenVINO engine in production, a fake in tests
     device: torch.device
     precision: str
     weights: str = "(in memory)"
@@ -40,14 +41,13 @@ class TaskModel:
     parameters: int = 0
 
     def describe(self) -> dict[str, Any]:
-        engine = getattr(self.runner, "describe", None)  # compile/graph modes and memory per warm shape
         return {
             "paper_task": PAPER_TASKS.get(self.task, self.task),
             "weights": {"path": self.weights, "source": self.source, "sha256": self.sha256},
             "model": {"architecture": "MPRNet", "config": self.config, "parameters": self.parameters},
             "device": str(self.device),
             "precision": self.precision,
-            "engine": engine() if callable(engine) else None,
+            "engine": self.engine.describe(),  # its name, modes and the memory of each warm shape
         }
 
 
@@ -76,7 +76,7 @@ def load_task(settings: Settings, task: str) -> TaskModel:
         ) from None
     return TaskModel(
         task=task,
-        runner=restorer,
+        engine=restorer,
         device=restorer.device,
         precision=restorer.precision,
         weights=str(Path(path).resolve()),

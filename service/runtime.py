@@ -40,7 +40,7 @@ class Service:
         self.metrics = Metrics(self.tasks)
         self.planner = Planner(settings.buckets, settings.tile_size, settings.tile_overlap)
         device = next(iter(models.values())).device
-        self.worker = DeviceWorker({t: m.runner for t, m in models.items()}, device, settings.torch_threads or torch.get_num_threads())
+        self.worker = DeviceWorker({t: m.engine for t, m in models.items()}, device, settings.torch_threads or torch.get_num_threads())
         self.metrics.watch_device(device)
         self.uploads = UploadBudget(settings.max_inflight_upload_bytes, settings.upload_idle_timeout_s)
         self.metrics.uploads.set_function(lambda: self.uploads.used)
@@ -99,7 +99,7 @@ class Service:
                 log.error("warm-up of %s failed", task, exc_info=e)
                 continue
             self.warm[task] = True
-            self.metrics.engine_memory_from(task, getattr(self.models[task].runner, "memory_report", dict)())
+            self.metrics.engine_memory_from(task, self.models[task].engine.memory_report())
             self.metrics.model_ready.labels(task).set(1)
             log.info("%s is warm", task)
 

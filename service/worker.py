@@ -6,10 +6,7 @@ slot, so the batcher can re-plan that one request with smaller tiles. Any other 
 batch (the batcher fans it out to every member); a CUDA error marks the device failed for /readyz.
 
 Items arrive as uint8 pixel values (8-bit images) or float32 in [0, 1] (16-bit ones), possibly both
-in one batch. Each dtype crosses to the device as one stacked copy of its own (uint8 is a quarter of
-float32's bytes; staged in pinned memory and copied without blocking on CUDA), uint8 is scaled to
-float there, and the model sees one float batch. Items that came as uint8 are rounded back to uint8
-on the device (as `images.from_tensor` would) before they cross back; float items come back float.
+in one batch; the engine moves them to its device and back (`InferenceEngine.run_items`).
 """
 
 from __future__ import annotations
@@ -17,29 +14,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from model.images import to_float, to_uint8
+from model.engine_api import BatchMismatch, InferenceEngine
 
 log = logging.getLogger("service.worker")
-
-
-class BatchModel(Protocol):
-    def run_batch(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) float32 in [0, 1], already on the worker's device -> (B, 3, H, W) float in [0, 1]."""
+__all__ = ["BatchMismatch", "DeviceWorker", "ItemOutOfMemory", "is_out_of_memory"]
 
 
 class ItemOutOfMemory(Exception):
     """One item did not fit in device memory even in a batch of one."""
-
-
-class BatchMismatch(RuntimeError):
-    """The model returned a different number or shape of outputs than it was given."""
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -52,16 +40,8 @@ def _is_device_failure(e: BaseException) -> bool:
     return any(s in text for s in ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "device-side assert", "illegal memory access"))
 
 
-def _rows(keys: Iterable[Hashable]) -> dict[Hashable, list[int]]:
-    """Item indices grouped by key, groups in the order their first item comes."""
-    groups: dict[Hashable, list[int]] = {}
-    for k, key in enumerate(keys):
-        groups.setdefault(key, []).append(k)
-    return groups
-
-
 class DeviceWorker:
-    def __init__(self, models: Mapping[str, BatchModel], device: torch.device, threads: int | None = None) -> None:
+    def __init__(self, models: Mapping[str, InferenceEngine], device: torch.device, threads: int | None = None) -> None:
         self.models = dict(models)
         self.device = device
         self.failure: str | None = None  # set after an unrecoverable device error
@@ -79,24 +59,17 @@ class DeviceWorker:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.run_sync, task, list(inputs))
 
     async def warm_up(self, task: str, shape: tuple[int, int], max_items: int = 1) -> None:
-        """Prepare one (h, w) item shape: an engine compiles/captures each static batch up to `max_items`
-        (model/engine.py); any other model runs one item."""
-        model = self.models[task]
-        loop = asyncio.get_running_loop()
-        if hasattr(model, "warmup"):
-            await loop.run_in_executor(self._pool, model.warmup, [(max_items, *shape)])
-            return
-        x = torch.rand(1, 3, *shape, generator=torch.Generator().manual_seed(0))
-        await loop.run_in_executor(self._pool, self._run_checked, model, x)
+        """Prepare one (h, w) item shape for batches of up to `max_items` (`InferenceEngine.warmup`)."""
+        await asyncio.get_running_loop().run_in_executor(self._pool, self.models[task].warmup, [(max_items, *shape)])
 
     def run_sync(self, task: str, inputs: Sequence[Tensor]) -> list[Tensor | BaseException]:
         """`run` on the calling thread, for benchmarks that time the device's share of a request (upload,
         conversions, model, download) without the event loop; the service always goes through `run`."""
         return self._split_run(self.models[task], list(inputs))
 
-    def _split_run(self, model: BatchModel, items: list[Tensor]) -> list[Tensor | BaseException]:
+    def _split_run(self, model: InferenceEngine, items: list[Tensor]) -> list[Tensor | BaseException]:
         try:
-            return self._on_device(model, items)  # uploads and conversions included: they can run out of memory too
+            return model.run_items(items)  # uploads and conversions included: they can run out of memory too
         except Exception as e:
             if not is_out_of_memory(e):
                 if _is_device_failure(e):
@@ -105,54 +78,12 @@ class DeviceWorker:
                 raise
             log.warning("out of memory on a batch of %d x %s; splitting", len(items), tuple(items[0].shape[1:]))
         # Retry outside the `except` block: the exception's traceback holds the failed batch's tensors.
-        self.free_cache()
+        model.free_cache()
         if len(items) == 1:
             _, h, w = items[0].shape
             return [ItemOutOfMemory(f"a {h}x{w} item does not fit in {self.device} memory")]
         half = len(items) // 2
         return self._split_run(model, items[:half]) + self._split_run(model, items[half:])
-
-    def _on_device(self, model: BatchModel, items: list[Tensor]) -> list[Tensor | BaseException]:
-        """Upload, scale, run, round and download one batch; results in item order, on the CPU."""
-        parts = [(rows, to_float(self._upload([items[k] for k in rows]))) for rows in _rows(i.dtype for i in items).values()]
-        if len(parts) == 1:
-            x = parts[0][1]
-        else:  # 8- and 16-bit images in one batch: one float batch, each item in its place
-            x = torch.empty((len(items), *items[0].shape), dtype=torch.float32, device=self.device)
-            for rows, part in parts:
-                x[rows] = part
-        del parts
-        y = self._run_checked(model, x)
-        del x  # the model's input is not needed while the outputs are converted
-        results: dict[int, Tensor] = {}
-        groups = _rows(i.dtype == torch.uint8 for i in items)
-        for quantise, rows in groups.items():
-            part = y if len(groups) == 1 else y[rows]
-            part = (to_uint8(part) if quantise else part).cpu()  # rounded on the device: a quarter of the bytes back
-            results.update(zip(rows, part.unbind(0), strict=True))
-        return [results[k] for k in range(len(items))]
-
-    def _upload(self, items: list[Tensor]) -> Tensor:
-        """Same-dtype CPU items -> one (B, 3, h, w) batch of that dtype on the device."""
-        if self.device.type != "cuda":
-            return torch.stack(items).to(self.device)
-        # Pinned staging lets the copy run without blocking this thread; the caching host allocator
-        # keeps the staging block until the copy has read it, and the compute stream orders after it.
-        staged = torch.empty((len(items), *items[0].shape), dtype=items[0].dtype, pin_memory=True)
-        torch.stack(items, out=staged)
-        return staged.to(self.device, non_blocking=True)
-
-    @staticmethod
-    def _run_checked(model: BatchModel, x: Tensor) -> Tensor:
-        y = model.run_batch(x)
-        if not isinstance(y, Tensor) or y.shape != x.shape:
-            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-            raise BatchMismatch(f"model returned {got} for an input of {tuple(x.shape)}")
-        return y
-
-    def free_cache(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     async def probe(self, timeout_s: float = 2.0) -> str | None:
         """None when the device answers a tiny operation within `timeout_s`, else why not.

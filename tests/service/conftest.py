@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from model.engine_api import InferenceEngine
 from service.app import create_app
 from service.loading import TaskModel
 from service.settings import Settings
@@ -28,7 +29,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class FakeModel:
+class FakeModel(InferenceEngine):
     """Identity (or `fn`) model that records every batch; `gate` (set by default) holds it on demand."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
@@ -54,7 +55,7 @@ class FakeModel:
 
 
 def fake_models(tasks=("deblur", "derain", "denoise"), model: FakeModel | None = None) -> dict[str, TaskModel]:
-    return {t: TaskModel(task=t, runner=model or FakeModel(), device=torch.device("cpu"), precision="fp32") for t in tasks}
+    return {t: TaskModel(task=t, engine=model or FakeModel(), device=torch.device("cpu"), precision="fp32") for t in tasks}
 
 
 def test_settings(**overrides) -> Settings:

@@ -9,6 +9,7 @@ from prometheus_client import generate_latest
 from pydantic import ValidationError
 
 from model.engine import Engine, MemoryUse
+from model.engine_api import InferenceEngine
 from service.metrics import Metrics
 from service.loading import StartupError, load_task
 from service.runtime import Service
@@ -20,9 +21,10 @@ from tests.service.conftest import fake_models, test_settings
 def test_models_run_on_the_engine_with_the_service_settings(tmp_path):
     settings = test_settings(weights_dir=tiny_weights(tmp_path), max_batch_size=6)
     model = load_task(settings, "derain")
-    assert isinstance(model.runner, Engine)
-    assert model.runner.settings.max_batch == 6
+    assert isinstance(model.engine, Engine)
+    assert model.engine.settings.max_batch == 6
     engine = model.describe()["engine"]
+    assert engine["name"] == "torch"
     assert engine["compile"] == "off" and engine["cuda_graphs"] is False  # auto on the CPU
 
 
@@ -34,7 +36,7 @@ def test_engine_settings_are_checked(tmp_path):
         load_task(settings, "derain")
 
 
-class Recorder:
+class Recorder(InferenceEngine):
     def __init__(self) -> None:
         self.warmed: list = []
 
@@ -43,6 +45,7 @@ class Recorder:
 
     def warmup(self, shapes):
         self.warmed.extend(shapes)
+        return {}
 
 
 @pytest.mark.anyio
@@ -61,7 +64,7 @@ async def test_warm_up_asks_the_engine_for_the_largest_batch_of_each_shape():
 async def test_a_model_without_warmup_runs_one_item():
     seen = []
 
-    class Plain:
+    class Plain(InferenceEngine):
         def run_batch(self, x):
             seen.append(tuple(x.shape))
             return x

@@ -200,7 +200,7 @@ async def test_tiny_mprnet_answers_as_the_float_path_did(weights_dir, h, w, tile
     x, meta = to_tensor(image)  # float32, as decode gave before
     plan = Planner(settings.buckets, settings.tile_size, settings.tile_overlap).plan(x)
     assert (plan.tiles is not None) == tiled
-    reference = from_tensor(plan.assemble(list(model.runner.run_batch(plan.inputs))), meta)
+    reference = from_tensor(plan.assemble(list(model.engine.run_batch(plan.inputs))), meta)
     app = create_app(settings, models={"denoise": model})
     async with running(app) as client:
         await wait_ready(client)
