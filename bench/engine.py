@@ -13,8 +13,10 @@ eager: the authors' best plain setting) and our engine in the modes asked for:
 
 Timing: CUDA events around each pass after warm-up passes, the median of --repeats (perf_counter on
 the CPU); the input is already on the device except in the uint8 modes; cuDNN's algorithm search
-(`cudnn.benchmark`) is on for every row. Same random weights in
-both implementations (or the bundled weights where model/weights has them). Correctness: every fast
+(`cudnn.benchmark`) is on for every row. Weights: seeded random weights of the paper's configuration
+for each task (model/variants.py), the same in both implementations, so the figures compare with the
+authors' code and the targets; --bundled-weights times the small bundled models instead (not
+comparable: a different width). Correctness: every fast
 mode's output is compared with our eager output (PSNR, max difference), and for each task a real
 photo is restored in bf16 and fp32 (TF32 off) and compared. A row whose compile would start after
 --budget-s is skipped and says so; results are rewritten after every measurement, so a run cut
@@ -44,6 +46,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.gpu_report import torch_line
 from model.arch import MPRNet
 from model.engine import Engine, EngineSettings
 from model.variants import TINY, VARIANTS
@@ -109,15 +112,17 @@ def photo(height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def load_model(task: str, seed: int = 0) -> tuple[MPRNet, str]:
-    """The task's bundled weights when the repository has them, else seeded random weights."""
-    path = ROOT / "model" / "weights" / f"{task}.safetensors"
-    if path.is_file():
+def load_model(task: str, seed: int = 0, bundled: bool = False) -> tuple[MPRNet, str]:
+    """Seeded random weights of the task's paper configuration (TINY for "tiny"); with `bundled`, the
+    repository's bundled weights of the task instead."""
+    if bundled:
         from model.checkpoint import load_mprnet
 
+        path = ROOT / "model" / "weights" / f"{task}.safetensors"
         return load_mprnet(path), f"bundled {path.name}"
     torch.manual_seed(seed)
-    return MPRNet(**(TINY if task == "tiny" else VARIANTS[task])), f"random (seed {seed})"
+    config = "tiny" if task == "tiny" else "paper"
+    return MPRNet(**(TINY if task == "tiny" else VARIANTS[task])), f"random {config} (seed {seed})"
 
 
 def median_seconds(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
@@ -141,8 +146,11 @@ def median_seconds(fn: Callable[[], Any], device: torch.device, warmup: int, rep
 
 
 class Bench:
-    def __init__(self, device: torch.device, out: Path, budget_s: float, warmup: int, repeats: int) -> None:
+    def __init__(
+        self, device: torch.device, out: Path, budget_s: float, warmup: int, repeats: int, bundled: bool = False
+    ) -> None:
         self.device, self.out, self.budget_s, self.warmup, self.repeats = device, out, budget_s, warmup, repeats
+        self.bundled = bundled
         self.start = time.monotonic()
         self.models: dict[str, tuple[MPRNet, str]] = {}
         self.engines: dict[tuple[str, str], Engine] = {}
@@ -154,7 +162,7 @@ class Bench:
 
     def model(self, task: str) -> MPRNet:
         if task not in self.models:
-            self.models[task] = load_model(task)
+            self.models[task] = load_model(task, bundled=self.bundled)
         return self.models[task][0]
 
     def engine(self, task: str, mode: str) -> Engine:
@@ -291,8 +299,18 @@ class Bench:
             print(json.dumps(check), flush=True)
 
 
+def pinned_torch() -> str | None:
+    """The torch version pyproject.toml pins (the GPU machines may carry another)."""
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = [d.split("==", 1)[1].strip() for d in deps if d.replace(" ", "").startswith("torch==")]
+    return pins[0] if pins else None
+
+
 def environment(device: torch.device) -> dict[str, Any]:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(), "device": str(device)}
+    env = {"torch": torch.__version__, "torch_pinned": pinned_torch(), "python": platform.python_version()}
+    env.update(machine=platform.machine(), device=str(device))
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
     return env
@@ -301,7 +319,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [
-        f"Card: {env.get('gpu', env['device'])}; torch {env['torch']}, CUDA {env.get('cuda', '-')}",
+        f"Card: {env.get('gpu', env['device'])}; {torch_line(env)}, CUDA {env.get('cuda', '-')}",
+        f"Weights: {env.get('weights', '-')}",
         "",
         "| configuration | mode | batch | img/s | ms/batch | vs reference | PSNR vs eager (dB) | target img/s |",
         "|---|---|---|---|---|---|---|---|",
@@ -338,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument(
+        "--bundled-weights",
+        action="store_true",
+        help="time the small bundled models (model/weights), not the paper configurations (figures not comparable)",
+    )
+    ap.add_argument(
         "--cache-dir", default="/tmp/mprnet-compile-cache", help="inductor cache (shared with the server of bench/gpu.sh)"
     )
     args = ap.parse_args(argv)
@@ -355,7 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         # static shapes everywhere, so cuDNN's own algorithm search is on for every row, the reference's
         # too (a static engine would switch it on for the whole process anyway)
         torch.backends.cudnn.benchmark = True
-    bench = Bench(device, args.out, args.budget_s, args.warmup, args.repeats)
+    bundled = args.bundled_weights and not args.smoke
+    bench = Bench(device, args.out, args.budget_s, args.warmup, args.repeats, bundled=bundled)
+    bench.report["environment"]["weights"] = (
+        "bundled (model/weights)" if bundled else "seeded random weights of the configurations in model/variants.py"
+    )
     for task, size in photo_tasks:  # cheap, and first: a run cut short still has them
         bench.check_photo(task, size, fast=False)
     for row in rows:

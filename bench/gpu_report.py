@@ -35,7 +35,7 @@ def load_table(text: str, header: list[str] | None = None) -> list[dict[str, str
             header = cells
             continue
         if cells[0].startswith("C=") and len(cells) >= len(header):
-            rows.append(dict(zip(header, cells)))
+            rows.append(dict(zip(header, cells, strict=False)))
     return rows
 
 
@@ -78,11 +78,22 @@ def summarize(
     return {"environment": engine["environment"], "goals": list(goals.values()), "http": http, "psnr_checks": checks}
 
 
+def torch_line(env: dict[str, Any]) -> str:
+    """torch X, and the pinned version beside it when this machine runs another."""
+    pinned = env.get("torch_pinned")
+    same = pinned is None or env["torch"].split("+")[0] == pinned
+    return f"torch {env['torch']}" + ("" if same else f" (the project pins {pinned})")
+
+
 def markdown(s: dict[str, Any]) -> str:
     env = s["environment"]
-    fmt = lambda v: "-" if v is None else f"{v:.1f}"
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
     lines = [
-        f"Card: {env.get('gpu', env['device'])} (torch {env['torch']}, CUDA {env.get('cuda', '-')})",
+        f"Card: {env.get('gpu', env['device'])} ({torch_line(env)}, CUDA {env.get('cuda', '-')})",
+        f"Weights: {env.get('weights', '-')}",
         "",
         "| goal | reference img/s | ours img/s | ours: mode, batch | x reference | target img/s | met |",
         "|---|---|---|---|---|---|---|",
@@ -91,16 +102,17 @@ def markdown(s: dict[str, Any]) -> str:
         ref, ours = g["reference"], g["ours"]
         how = f"{ours['mode']}, {ours['batch']}" if ours else "not measured"
         ratio = "-" if g["vs_reference"] is None else f"{g['vs_reference']:.2f}x"
-        lines.append(
-            f"| {g['goal']} | {fmt(ref and ref['img_per_s'])} | {fmt(ours and ours['img_per_s'])} | {how} | {ratio} | {g['target_img_per_s'] or '-'} | {g['met']} |"
-        )
+        target = g["target_img_per_s"] or "-"
+        measured = f"{fmt(ref and ref['img_per_s'])} | {fmt(ours and ours['img_per_s'])}"
+        lines.append(f"| {g['goal']} | {measured} | {how} | {ratio} | {target} | {g['met']} |")
     h = s["http"]
     lines.append("")
     if "ratio" in h:
         task, height, width, batch = h["shape"]
         lines.append(
             f"HTTP at saturation: {h['best_req_per_s']:.1f} req/s over the engine's {h['engine_img_per_s']:.1f} img/s "
-            f"({task} {width}x{height}, batch {batch}, {h['mode']}) = {100 * h['ratio']:.0f}% (target {100 * HTTP_TARGET:.0f}%): met {h['met']}"
+            f"({task} {width}x{height}, batch {batch}, {h['mode']}) = {100 * h['ratio']:.0f}% "
+            f"(target {100 * HTTP_TARGET:.0f}%): met {h['met']}"
         )
     else:
         lines.append(f"HTTP load: {h['skipped']}")
