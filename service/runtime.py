@@ -224,7 +224,7 @@ class Service:
             async with pipeline.opened(source) as image:
                 t0 = time.monotonic()
                 with self.batcher.arriving(task):
-                    decoded, plan = await self.in_codec_pool(self._decode_and_plan, image)
+                    decoded, plan = await self._decode_by(deadline, arrived, image)
                     t1 = time.monotonic()
                     timings.decode = t1 - t0
                     if t1 >= deadline:
@@ -238,6 +238,22 @@ class Service:
         if job.started is not None and job.finished is not None:
             timings.queue, timings.inference = job.started - job.enqueued, job.finished - job.started
         return result, timings
+
+    async def _decode_by(
+        self, deadline: float, arrived: float, image: bytes | np.ndarray
+    ) -> tuple[codec.Decoded, Plan]:
+        """Decode and plan in a codec thread. A request still waiting for a free thread at its deadline is
+        answered 504 then, and its decode never starts; a decode that has started runs on (within its budget)."""
+        work = self.codec_pool.submit(self._decode_and_plan, image)
+        waiting = asyncio.wrap_future(work)
+        try:
+            done, _ = await asyncio.wait({waiting}, timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.CancelledError:
+            waiting.cancel()  # and with it the decode, if it has not started
+            raise
+        if not done and work.cancel():
+            raise DeadlineExceeded(time.monotonic() - arrived)
+        return await waiting
 
     def _decode_and_plan(self, image: bytes | np.ndarray) -> tuple[codec.Decoded, Plan]:
         if isinstance(image, np.ndarray):

@@ -4,11 +4,13 @@ deadlines, disconnects, model errors, out of memory and drain."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import anyio
 import pytest
 import torch
 
+from service import codec
 from service.app import create_app
 from tests.live_server import metric_value
 from tests.service.conftest import FakeModel, decode, fake_app, fake_models, png, rand_image, running, test_settings
@@ -147,6 +149,29 @@ async def test_deadline_passed_in_queue_is_504_and_never_computed():
         assert (await first).status_code == 200
         assert not model.saw(as_tensor(late))
         assert metric_value((await client.get("/metrics")).text, "mprnet_rejected_total", task="deblur", reason="deadline") == 1
+
+
+async def test_deadline_passed_while_waiting_for_a_decode_thread_is_504_then(monkeypatch):
+    """With every codec thread busy (here held by the test), a request whose deadline passes is answered
+    504 at its deadline, not once a thread frees; its decode never runs."""
+    decodes = []
+    real = codec.decode
+    monkeypatch.setattr(codec, "decode", lambda *args: decodes.append(1) or real(*args))
+    async with fake_app(codec_threads=1) as (client, _, app):
+        held, release = threading.Event(), threading.Event()
+        pool = app.state.service.codec_pool
+        busy = pool.submit(lambda: held.set() or release.wait(30))
+        await anyio.to_thread.run_sync(held.wait)
+        try:
+            with anyio.fail_after(10):  # without the fix: answered only after `release`, which comes after
+                r = await client.post("/restore/deblur", content=png(IMG), headers={**RAW, "X-Request-Timeout": "0.2"})
+        finally:
+            release.set()
+        assert r.status_code == 504 and r.json()["code"] == "deadline", r.text
+        await anyio.to_thread.run_sync(busy.result)
+        await anyio.to_thread.run_sync(pool.submit(lambda: None).result)  # the single thread ran what was queued
+        assert decodes == []
+        assert (await client.post("/restore/deblur", content=png(IMG), headers=RAW)).status_code == 200
 
 
 async def test_client_that_disconnects_while_queued_is_dropped_before_compute():
