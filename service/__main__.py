@@ -1,29 +1,37 @@
 """`python -m service` / `mprnet-serve`: check the settings, load the models, serve with a graceful drain.
 
-On SIGTERM (or Ctrl+C): /readyz turns 503 at once, new restore requests get 503 `draining`,
-admitted requests finish, then the server closes and the process exits 0, all within
-MPRNET_GRACE_PERIOD_S. A second Ctrl+C, or the end of the grace period, exits at once.
+On SIGTERM, SIGHUP or Ctrl+C (SIGINT): /readyz turns 503 at once, new restore requests get 503
+`draining`, admitted requests finish, then the server closes and the process exits 0, all within
+MPRNET_GRACE_PERIOD_S. A second signal, or the end of the grace period, exits at once. Every signal
+is logged. (SIGHUP would otherwise end the process at once, losing every request in flight: a closed
+terminal or a supervisor's "reload" must not do that.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
 
 from .app import create_app
-from .middleware import RequestIdFilter
 from .loading import StartupError
+from .middleware import PrintableFormatter, RequestIdFilter
+from .protocol import limited_head_protocol
 from .runtime import Service
 from .settings import Settings, settings_error, unknown_variables
 
 log = logging.getLogger("service")
+DRAIN_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class DrainingServer(uvicorn.Server):
@@ -38,12 +46,30 @@ class DrainingServer(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, with SIGHUP too, and without re-raising the signal after the drain (that would
+        turn a clean exit 0 into death by the signal)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in DRAIN_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # Runs as a signal handler on the main thread: only hand the work to the loop.
+        # Runs as a signal handler on the main thread: only hand the work (and the logging) to the loop.
+        name = signal.Signals(sig).name
         if self.draining_since is not None or self._loop is None:
             self.force_exit = self.should_exit = True
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(log.warning, "%s received while draining: exiting now", name)
             return
         self.draining_since = time.monotonic()
+        self._loop.call_soon_threadsafe(log.warning, "%s received: draining (grace period %.1f s)", name, self.grace_s)
         self._loop.call_soon_threadsafe(self._begin_drain)
 
     def _begin_drain(self) -> None:
@@ -72,7 +98,7 @@ class DrainingServer(uvicorn.Server):
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -92,7 +118,11 @@ def main() -> int:
     except StartupError as e:
         print(f"mprnet-serve: {e}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False, timeout_graceful_shutdown=settings.grace_period_s)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+        timeout_graceful_shutdown=settings.grace_period_s,
+        http=limited_head_protocol(settings.max_header_bytes, settings.max_header_count),  # 431 beyond them
+    )
     server = DrainingServer(config, app.state.service, settings.grace_period_s)
     server.run()
     if server.timed_out:

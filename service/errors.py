@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .middleware import printable
+
 log = logging.getLogger("service")
 
 
@@ -115,5 +117,6 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         rid = request.scope.get("request_id", "-")
-        log.error("unhandled error in %s %s (request %s)", request.method, request.url.path, rid, exc_info=exc)
+        path = printable(request.url.path)
+        log.error("unhandled error in %s %s (request %s)", request.method, path, rid, exc_info=exc)
         return JSONResponse({"detail": f"Internal error; quote request id {rid}.", "code": "internal_error"}, status_code=500)

@@ -2,6 +2,10 @@
 
 Gives every request an id (the client's `X-Request-ID` when sane, else a new one), puts it on every
 response and in every log line of the request, and counts restore requests by task and status.
+
+What a client sent is logged through `printable`: a URL-decoded path may hold a line feed (a forged
+log line) or an escape sequence (driving the terminal that shows the log). `PrintableFormatter`, the
+formatter of `python -m service`, also escapes such characters in every message, whoever logged it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,25 @@ from .metrics import Metrics
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 log = logging.getLogger("service.access")
+
+
+# C0 and C1 controls and DEL, Unicode line and paragraph separators, bidirectional overrides
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROLS |= {c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+_ESCAPES = {**_CONTROLS, ord("\\"): "\\\\"}
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped (`\\x0a`), and backslashes doubled so that an escape cannot
+    be faked: safe to log on one line and to show on a terminal."""
+    return text.translate(_ESCAPES)
+
+
+class PrintableFormatter(logging.Formatter):
+    """Escapes control characters in each message (a traceback after it keeps its lines): one record is one line."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return super().formatMessage(record).translate(_CONTROLS)
 
 
 class RequestIdFilter(logging.Filter):
@@ -64,7 +87,7 @@ class RequestContext:
             await self.app(scope, receive, send_tracked)
         except Exception as exc:
             # Answered here rather than by Starlette's outermost handler, so the 500 carries the id too.
-            log.error("unhandled error in %s %s", scope["method"], scope["path"], exc_info=exc)
+            log.error("unhandled error in %s %s", scope["method"], printable(scope["path"]), exc_info=exc)
             if started:
                 raise
             body = json.dumps({"detail": f"Internal error; quote request id {rid}.", "code": "internal_error"}).encode()
@@ -78,5 +101,5 @@ class RequestContext:
                 elapsed = time.monotonic() - start
                 self.metrics.requests.labels(task, str(status)).inc()
                 self.metrics.request_duration.labels(task).observe(elapsed)
-                log.info("POST %s %s %.1f ms", path, status, elapsed * 1000)
+                log.info("POST %s %s %.1f ms", printable(path), status, elapsed * 1000)
             request_id_var.reset(token)

@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     decode_budget_s: float = Field(10.0, gt=0, le=600)
     request_timeout_s: float = Field(60.0, gt=0)  # deadline before compute starts; a header may shorten it
     upload_idle_timeout_s: float = Field(15.0, gt=0)  # no byte of a request body for this long: 408
+    max_header_bytes: int = Field(32 * 1024, ge=1024)  # a request's line and headers together; more: 431
+    max_header_count: int = Field(100, ge=8)  # header lines of one request; more: 431
     grace_period_s: float = Field(30.0, ge=0)
     png_effort: Literal["fast", "small"] = "fast"  # fast: "up" filter (about 1 ms at 256x256); small: adaptive, 1-4 % smaller
     codec_threads: int = Field(max(2, min(8, os.cpu_count() or 2)), ge=1, le=64)
