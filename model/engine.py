@@ -98,15 +98,16 @@ class _Runner:
     def __call__(self, x: Tensor) -> Tensor:
         """(n <= B, 3, H, W) float on the device -> (n, 3, H, W) float32; valid until the next call."""
         n = x.shape[0]
-        if self.graph is not None:
+        # Always the persistent buffer, never x itself: a graph reads that address, and compiled code
+        # guards on the strides it was traced with (the buffer is in the model's memory format; the
+        # worker's batches come contiguous and would recompile). Rows n.. keep what they held: each
+        # image is computed on its own.
+        if x is not self.input:
             self.input[:n].copy_(x)
+        if self.graph is not None:
             self.graph.replay()
             assert self.output is not None
             return self.output[:n]
-        if n == self.shape[0]:
-            self.before_call()
-            return self.fn(x)
-        self.input[:n].copy_(x)  # rows n.. keep what they held: each image is computed on its own
         self.before_call()
         return self.fn(self.input)[:n]
 

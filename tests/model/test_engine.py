@@ -222,6 +222,48 @@ def test_uint8_path_refuses_other_dtypes():
         engine.run_uint8(np.zeros((1, 8, 8, 3), np.uint16))
 
 
+# ---------------------------------------------------------------- dynamo, with the eager backend
+
+
+class ConvNet(nn.Module):
+    """A 3x3 convolution plus a skip: memory format matters to it, and dynamo traces it in a blink."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [self.conv(x) + x]
+
+
+@pytest.fixture
+def dynamo_frames():
+    """Frames dynamo has compiled so far (a fresh cache: engines of other tests share `_forward`'s code)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield lambda: counters["frames"]["ok"]
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_warm_up_leaves_no_recompile_for_real_batches(dynamo_frames, channels_last):
+    """Compiled without the engine's graphs (as reduce-overhead or default with graphs off run), the real
+    batches must hit the code warm-up traced: same strides, same dispatch keys, whatever the caller passes."""
+    settings = EngineSettings(compile="default", backend="eager", max_batch=4)
+    engine = Engine(ConvNet(), device="cpu", precision="fp32", channels_last=channels_last, settings=settings)
+    engine.warmup([(16, 16), (8, 16)])
+    warm = dynamo_frames()
+    assert warm == 6  # batch sizes 1, 2, 4 for each of the two shapes
+    for n in (1, 2, 3, 4):
+        engine.run_batch(torch.rand(n, 3, 16, 16))  # contiguous, made outside inference mode
+        engine.run_batch(torch.rand(n, 3, 8, 16).contiguous(memory_format=torch.channels_last))
+        engine.run_uint8(_pixels(n, 16, 16, 3))
+    assert dynamo_frames() == warm
+
+
 # ---------------------------------------------------------------- inductor, for real
 
 
