@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import struct
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,6 +28,56 @@ def _collect(inputs: Iterable[str]) -> list[tuple[Path, Path]]:
     return found
 
 
+def _destinations(files: list[tuple[Path, Path]], output: str, overwrite: bool) -> list[tuple[Path, Path]]:
+    """(input, output file) for every image, or SystemExit with one line for an output that cannot work:
+    before any weights are loaded or image restored."""
+    out = Path(output)
+    one_file = len(files) == 1 and out.suffix.lower() in IMAGE_SUFFIXES
+    if one_file and out.is_dir():
+        example = out / files[0][1].name
+        raise SystemExit(f"mprnet: -o {out} is a folder; name the output file (e.g. {example}) or a suffixless folder")
+    if not one_file and out.suffix.lower() in IMAGE_SUFFIXES and not out.is_dir():
+        raise SystemExit(f"mprnet: -o {out} names a file, but {len(files)} images need an output folder")
+    if not one_file and out.exists() and not out.is_dir():
+        raise SystemExit(f"mprnet: -o {out} is an existing file; {len(files)} images need an output folder")
+    folder = out.parent if one_file else out
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise SystemExit(f"mprnet: -o {out} cannot be written: {blocking} is a file, not a folder")
+    pairs = [(src, out if one_file else out / rel) for src, rel in files]
+    by_destination: dict[Path, Path] = {}
+    for src, dst in pairs:
+        earlier = by_destination.setdefault(dst.resolve(), src)
+        if earlier != src:
+            raise SystemExit(f"mprnet: {earlier} and {src} would both be written to {dst}")
+    same = [src for src, dst in pairs if dst.exists() and os.path.samefile(src, dst)]
+    if same and not overwrite:
+        more = f" (and {len(same) - 1} more)" if len(same) > 1 else ""
+        raise SystemExit(f"mprnet: the output would overwrite the input {same[0]}{more}; --overwrite allows it")
+    return pairs
+
+
+def _save(result, dst: Path, icc: bytes | None) -> None:
+    """Write `result` in the format of `dst`'s suffix, through a temporary file: a failed write leaves no
+    partial file and, with --overwrite, the input as it was."""
+    from PIL import Image
+
+    from .images import for_format
+
+    fmt = Image.registered_extensions()[dst.suffix.lower()]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.mprnet-partial")
+    try:
+        for_format(result, fmt).save(tmp, fmt, **({"icc_profile": icc} if icc else {}))
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
@@ -45,8 +97,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     files = _collect(args.inputs)
     if not files:
         raise SystemExit("mprnet: no images found (PNG, JPEG, WebP, TIFF, BMP)")
-    out = Path(args.output)
-    single_file = len(files) == 1 and out.suffix.lower() in IMAGE_SUFFIXES
+    pairs = _destinations(files, args.output, args.overwrite)
     try:
         weights = Path(args.weights) if args.weights else bundled_weights(args.task)
         restorer = load_restorer(weights, args.device, args.precision, TileSettings(args.tile, args.tile_overlap, args.tile_batch))
@@ -54,22 +105,26 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise SystemExit(f"mprnet: {e}") from None
     print(f"mprnet: {args.task} with {weights} on {restorer.device} ({restorer.precision})", file=sys.stderr)
     failed = 0
-    for src, rel in tqdm(files, disable=len(files) < 2 or None, unit="img"):
-        dst = out if single_file else out / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
+    # what a bad file raises from Pillow or from reading its mode; each is one line, and the run goes on
+    unreadable = (OSError, ValueError, TypeError, SyntaxError, EOFError, struct.error, MemoryError)
+    unreadable += (Image.DecompressionBombError,)
+    for src, dst in tqdm(pairs, disable=len(pairs) < 2 or None, unit="img"):
         try:
             with Image.open(src) as im:
                 icc = im.info.get("icc_profile")
                 im = ImageOps.exif_transpose(im)
                 result = restorer.restore(im)
-        except (OSError, ValueError, TypeError) as e:  # unreadable or unsupported image: report, go on
-            print(f"mprnet: skipped {src}: {e}", file=sys.stderr)
+        except unreadable as e:
+            print(f"mprnet: skipped {src}: {_one_line(e)}", file=sys.stderr)
             failed += 1
             continue
-        if dst.suffix.lower() in (".jpg", ".jpeg") and result.mode not in ("RGB", "L", "CMYK"):
-            result = result.convert("RGB")
-        result.save(dst, **({"icc_profile": icc} if icc else {}))
-        if len(files) == 1:
+        try:
+            _save(result, dst, icc)
+        except (OSError, ValueError) as e:
+            print(f"mprnet: could not write {dst}: {_one_line(e)}", file=sys.stderr)
+            failed += 1
+            continue
+        if len(pairs) == 1:
             print(f"mprnet: wrote {dst}", file=sys.stderr)
     if failed:
         print(f"mprnet: {failed} of {len(files)} images could not be restored", file=sys.stderr)
@@ -84,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="checkpoint (.pth of the release, plain state dict, .safetensors, or mprnet train's last.pt / best.pt); default: bundled")
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("-o", "--output", required=True, help="output file (one input) or folder (same names)")
+    p.add_argument("--overwrite", action="store_true", help="let outputs replace input files (same path in and out)")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_restore)
     for register in _extensions():

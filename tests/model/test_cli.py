@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -108,3 +111,85 @@ def test_default_weights_are_the_bundled_ones(tmp_path, photo, capsys):
     assert "denoise.safetensors" in capsys.readouterr().err
     with Image.open(tmp_path / "b.png") as out:
         assert out.size == (24, 24)
+
+
+def _restore(*args: str, weights) -> int:
+    return main(["restore", "--task", "denoise", "--weights", str(weights), "--device", "cpu", *map(str, args)])
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A 1.8 KB-class PNG whose header says width x height (a decompression bomb to Pillow)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, "PNG")
+    data = buf.getvalue()
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return data[:8] + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
+
+
+def test_undecodable_and_oversized_images_are_one_line_each_and_the_run_goes_on(tmp_path, tiny_checkpoint, photo,
+                                                                                  capsys):
+    src = tmp_path / "in"
+    _write(src / "a.png", photo[:8, :8])
+    (src / "bomb.png").write_bytes(_png_declaring(60000, 60000))
+    (src / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")  # a JPEG cut inside its first segment
+    _write(src / "z.png", photo[8:16, :8])
+    rc = _restore(src, "-o", tmp_path / "out", weights=tiny_checkpoint)
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "z.png"]
+    skipped = [line for line in err.splitlines() if "skipped" in line]
+    assert len(skipped) == 2 and all(line.startswith("mprnet: skipped ") for line in skipped), err
+    assert any("bomb.png" in line for line in skipped) and any("cut.jpg" in line for line in skipped)
+
+
+def test_output_paths_that_cannot_work_are_refused_before_any_work(tmp_path, photo):
+    """One line each, before the weights are even looked for (they do not exist here)."""
+    a = _write(tmp_path / "in" / "a.png", photo[:8, :8])
+    _write(tmp_path / "in" / "b.png", photo[:8, :8])
+    (tmp_path / "taken.txt").write_text("a file")
+    (tmp_path / "looks.png").mkdir()
+    cases = [
+        ((tmp_path / "in", "-o", tmp_path / "taken.txt"), "is an existing file"),
+        ((a, "-o", tmp_path / "looks.png"), "is a folder"),
+        ((tmp_path / "in", "-o", tmp_path / "new.png"), "names a file, but 2 images"),
+        ((a, "-o", tmp_path / "taken.txt" / "x.png"), "is a file, not a folder"),
+        ((tmp_path / "in", "-o", tmp_path / "in"), "would overwrite the input"),
+        ((a, "-o", a), "would overwrite the input"),
+        ((a, _write(tmp_path / "other" / "a.png", photo[:8, :8]), "-o", tmp_path / "out"), "would both be written"),
+    ]
+    for args, words in cases:
+        with pytest.raises(SystemExit) as info:
+            _restore(*args, weights=tmp_path / "missing.pth")
+        assert str(info.value.code).startswith("mprnet: ") and words in str(info.value.code), (args, info.value.code)
+        assert "\n" not in str(info.value.code)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "new.png").exists()
+
+
+def test_overwrite_lets_outputs_replace_inputs(tmp_path, tiny_checkpoint, photo):
+    a = _write(tmp_path / "a.png", photo[:16, :16])
+    before = a.read_bytes()
+    assert _restore(a, "-o", a, "--overwrite", weights=tiny_checkpoint) == 0
+    assert a.read_bytes() != before and not list(tmp_path.glob(".*partial"))
+    with Image.open(a) as out:
+        assert out.size == (16, 16)
+
+
+def test_a_write_that_fails_is_one_line_and_the_run_goes_on(tmp_path, tiny_checkpoint, photo, capsys):
+    src = tmp_path / "in"
+    _write(src / "sub" / "a.png", photo[:8, :8])
+    _write(src / "b.png", photo[:8, :8])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "sub").write_text("a file where a folder is needed")
+    assert _restore(src, "-o", tmp_path / "out", weights=tiny_checkpoint) == 1
+    assert (tmp_path / "out" / "b.png").is_file()
+    failures = [line for line in capsys.readouterr().err.splitlines() if "could not write" in line]
+    assert len(failures) == 1 and failures[0].startswith("mprnet: could not write")
+
+
+def test_deep_grey_tiff_to_png(tmp_path, tiny_checkpoint):
+    """A 32-bit integer TIFF written as a PNG: 16-bit grey (Pillow cannot write mode I as PNG)."""
+    src = tmp_path / "deep.tif"
+    Image.fromarray((np.arange(16 * 16).reshape(16, 16) * 200).astype(np.int32)).save(src)
+    assert _restore(src, "-o", tmp_path / "deep.png", weights=tiny_checkpoint) == 0
+    with Image.open(tmp_path / "deep.png") as out:
+        assert out.mode == "I;16" and out.size == (16, 16)
