@@ -175,6 +175,10 @@ class Engine(Restorer):
             y = self.model(x)[0]
         return y.float().clamp(0, 1)
 
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        """The engine's GPU as the current device: a graph replays on the current device's stream."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
     def static_batch(self, n: int) -> int:
         """The static batch size a batch of n runs as (n itself when the engine is not static)."""
         if not self.static:
@@ -184,7 +188,7 @@ class Engine(Restorer):
     @torch.inference_mode()
     def _core(self, x: Tensor) -> Tensor:
         """(n, 3, H, W) float32 on the device -> (n, 3, H, W) float32 in [0, 1]: valid until the next call."""
-        with self._lock:
+        with self._lock, self._on_device():
             if not self.static:
                 return self._fn(x)
             top = self.batch_sizes[-1]
@@ -238,7 +242,7 @@ class Engine(Restorer):
             self._memory[shape] = MemoryUse(None, None, time.monotonic() - start)
 
     def _prepare(self, shape: Shape) -> _Runner:
-        with self._measured(shape):
+        with self._measured(shape), self._on_device():
             runner = self._build(shape)
         self._runners[shape] = runner
         log.info("static shape batch=%d %dx%d ready in %.1f s", *shape, self._memory[shape].warmup_s)
@@ -262,19 +266,24 @@ class Engine(Restorer):
         return runner
 
     def _capture(self, runner: _Runner) -> None:
-        """Warm up on a side stream (compiles, picks cuDNN algorithms), then capture one pass."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                runner.fn(runner.input)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # One memory pool for all shapes: passes never overlap (one device thread, `_lock`), so a
-        # shape's intermediates may reuse another's; every graph's output buffer stays referenced.
-        # thread_local: the service's readiness probe touches the device from another thread meanwhile
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            runner.output = runner.fn(runner.input)
+        """Warm up on a side stream (compiles, picks cuDNN algorithms), then capture one pass on it.
+
+        Everything on the engine's device: without `stream=`, torch.cuda.graph captures on a stream of
+        the *current* device (cuda:0 in a thread that never set one), not on cuda:N's.
+        """
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    runner.fn(runner.input)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # One memory pool for all shapes: passes never overlap (one device thread, `_lock`), so a
+            # shape's intermediates may reuse another's; every graph's output buffer stays referenced.
+            # thread_local: the service's readiness probe touches the device from another thread meanwhile
+            with torch.cuda.graph(graph, pool=self._graph_pool, stream=side, capture_error_mode="thread_local"):
+                runner.output = runner.fn(runner.input)
         runner.graph = graph
 
     @torch.inference_mode()

@@ -40,6 +40,17 @@ def _is_device_failure(e: BaseException) -> bool:
     return any(s in text for s in ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "device-side assert", "illegal memory access"))
 
 
+def _thread_setup(device: torch.device, threads: int) -> None:
+    """Start of a thread that touches the device: its torch CPU threads, and on CUDA its current device.
+
+    Both are per thread. Without set_device a thread's current device is cuda:0, whatever the worker's
+    is: streams, graph replays and allocations that use the current device would land on the wrong GPU.
+    """
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 class DeviceWorker:
     def __init__(self, models: Mapping[str, InferenceEngine], device: torch.device, threads: int | None = None) -> None:
         self.models = dict(models)
@@ -48,8 +59,8 @@ class DeviceWorker:
         # torch's CPU thread count is per calling thread: the model's thread gets `threads`, the
         # probe one (the codec threads set their own; see runtime.py).
         threads = threads or torch.get_num_threads()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="device", initializer=torch.set_num_threads, initargs=(threads,))
-        self._probe_pool = ThreadPoolExecutor(1, thread_name_prefix="device-probe", initializer=torch.set_num_threads, initargs=(1,))
+        self._pool = ThreadPoolExecutor(1, "device", initializer=_thread_setup, initargs=(device, threads))
+        self._probe_pool = ThreadPoolExecutor(1, "device-probe", initializer=_thread_setup, initargs=(device, 1))
         self._probe_stream = None
         self._lock = threading.Lock()
 

@@ -8,6 +8,7 @@ figures) is in the tests marked `gpu`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from model.arch import MPRNet
-from model.engine import Engine, EngineSettings, MemoryUse, configure_compile_cache, static_batch_sizes
+from model.engine import Engine, EngineSettings, MemoryUse, _Runner, configure_compile_cache, static_batch_sizes
 from model.images import from_tensor, to_tensor
 from model.inference import Restorer
 from model.transfer import infer_layout
@@ -282,6 +283,63 @@ def test_inductor_compiled_engine_matches_eager():
     diff = compiled.run_uint8(pixels).astype(int) - eager.run_uint8(pixels).astype(int)
     assert np.abs(diff).max() <= 1
     assert set(compiled.warm_shapes()) == {(1, 16, 16)}  # no recompile on the way
+
+
+# ---------------------------------------------------------------- CUDA, faked on the CPU
+
+
+class FakeCuda:
+    """torch.cuda's device, stream and graph calls for the CPU: records the device each capture and replay
+    ran on (the current device starts as cuda:0, as in a thread that never set one)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.current = torch.device("cuda:0")
+        self.captures: list[dict] = []
+        self.replays: list[torch.device] = []
+        fake = self
+
+        class Stream:
+            def __init__(self, device=None) -> None:
+                self.device = torch.device(device) if device is not None else fake.current
+
+            def wait_stream(self, other) -> None:
+                pass
+
+        class Graph:
+            def replay(self) -> None:
+                fake.replays.append(fake.current)
+
+        @contextlib.contextmanager
+        def device(d):
+            before, fake.current = fake.current, torch.device(d)
+            try:
+                yield
+            finally:
+                fake.current = before
+
+        @contextlib.contextmanager
+        def graph(cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+            fake.captures.append({"stream": stream and stream.device, "current": fake.current})
+            yield
+
+        for name, value in {"Stream": Stream, "CUDAGraph": Graph, "device": device, "graph": graph,
+                            "current_stream": lambda d=None: Stream(d), "stream": lambda s: contextlib.nullcontext()}.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_graphs_are_captured_and_replayed_on_the_engines_gpu(monkeypatch):
+    fake = FakeCuda(monkeypatch)
+    engine = Engine(ConvNet(), device="cpu", precision="fp32")
+    engine.device, engine.static, engine.cuda_graphs = torch.device("cuda:1"), True, True  # as on a second GPU
+    engine.batch_sizes = (2,)
+    runner = _Runner((2, 8, 8), engine._fn, torch.rand(2, 3, 8, 8))
+    engine._capture(runner)
+    engine._runners[(2, 8, 8)] = runner
+    engine._core(torch.rand(1, 3, 8, 8))
+    cuda1 = torch.device("cuda:1")
+    assert fake.captures == [{"stream": cuda1, "current": cuda1}]
+    assert fake.replays == [cuda1]
+    assert fake.current == torch.device("cuda:0")  # the caller's device is left as it was
 
 
 # ---------------------------------------------------------------- CUDA
