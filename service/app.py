@@ -13,6 +13,7 @@ from .loading import TaskModel, load_models
 from .routes import router
 from .runtime import Service
 from .settings import Settings
+from .v2.routes import router as v2_router
 
 
 def create_app(settings: Settings | None = None, models: dict[str, TaskModel] | None = None) -> FastAPI:
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None, models: dict[str, TaskModel] | 
     install_handlers(app)
     app.add_middleware(RequestContext, metrics=service.metrics)
     app.include_router(router)
+    app.include_router(v2_router)  # the Open Inference Protocol (KServe v2) beside our own API
     if settings.ui_enabled:
         try:
             from .ui import router as ui_router

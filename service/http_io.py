@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -189,6 +189,22 @@ async def image_upload(request: Request, limit: int, budget: UploadBudget | None
     held = _Held(budget)
     try:
         yield await image_bytes(request, limit, held, deadline)
+    finally:
+        held.release()
+
+
+@contextlib.asynccontextmanager
+async def raw_upload(
+    request: Request, limit: int, budget: UploadBudget | None = None, deadline: float | None = None
+) -> AsyncIterator[tuple[bytes, Callable[[], None]]]:
+    """(the whole body as it is, whatever its content type; a `release()`): read as `image_upload` reads
+    (413, 429, 408, 503, 499), its bytes counted in `budget` until `release()` is called (say, once what it
+    carries is queued) or the block exits."""
+    held = _Held(budget)
+    try:
+        async with contextlib.aclosing(_chunks(request, limit, held, deadline)) as chunks:
+            body = b"".join([chunk async for chunk in chunks])
+        yield body, held.release
     finally:
         held.release()
 

@@ -21,8 +21,14 @@ class Metrics:
     def __init__(self, tasks: tuple[str, ...]) -> None:
         self.registry = r = CollectorRegistry()
         self.tasks = tasks
-        self.requests = Counter("mprnet_requests", "Restore requests answered, by HTTP status", ["task", "status"], registry=r)
-        self.request_duration = Histogram("mprnet_request_duration_seconds", "Restore request time, arrival to last byte queued", ["task"], buckets=LATENCY, registry=r)
+        # protocol: "native" (POST /restore/{task}) or "v2" (the Open Inference Protocol's POST /v2/models/{task}/infer)
+        self.requests = Counter(
+            "mprnet_requests", "Restore requests answered, by HTTP status", ["task", "status", "protocol"], registry=r
+        )
+        self.request_duration = Histogram(
+            "mprnet_request_duration_seconds", "Restore request time, arrival to last byte queued", ["task", "protocol"],
+            buckets=LATENCY, registry=r,
+        )
         self.queue_wait = Histogram("mprnet_queue_wait_seconds", "Time from queueing to the start of compute", ["task"], buckets=LATENCY, registry=r)
         self.inference = Histogram("mprnet_inference_duration_seconds", "Device time per batch", ["task"], buckets=LATENCY, registry=r)
         self.batch_requests = Histogram("mprnet_batch_size_requests", "Distinct requests per batch", ["task"], buckets=COUNTS, registry=r)

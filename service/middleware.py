@@ -1,7 +1,7 @@
 """Per-request context as plain ASGI middleware (no BaseHTTPMiddleware: it would hide disconnects).
 
 Gives every request an id (the client's `X-Request-ID` when sane, else a new one), puts it on every
-response and in every log line of the request, and counts restore requests by task and status.
+response and in every log line of the request, and counts restore requests by task, status and protocol.
 
 What a client sent is logged through `printable`: a URL-decoded path may hold a line feed (a forged
 log line) or an escape sequence (driving the terminal that shows the log). `PrintableFormatter`, the
@@ -96,10 +96,24 @@ class RequestContext:
             await send_with_id({"type": "http.response.body", "body": body})
         finally:
             path = scope["path"]
-            if path.startswith("/restore/") and scope["method"] == "POST":
-                task = self.metrics.task_label(path.removeprefix("/restore/"))
+            counted = _restore_request(path) if scope["method"] == "POST" else None
+            if counted is not None:
+                task, protocol = counted
+                task = self.metrics.task_label(task)
                 elapsed = time.monotonic() - start
-                self.metrics.requests.labels(task, str(status)).inc()
-                self.metrics.request_duration.labels(task).observe(elapsed)
+                self.metrics.requests.labels(task, str(status), protocol).inc()
+                self.metrics.request_duration.labels(task, protocol).observe(elapsed)
                 log.info("POST %s %s %.1f ms", printable(path), status, elapsed * 1000)
             request_id_var.reset(token)
+
+
+_V2_INFER = re.compile(r"^/v2/models/([^/]+)/infer$")
+
+
+def _restore_request(path: str) -> tuple[str, str] | None:
+    """(task, protocol) of a restore request's path: our own API or the Open Inference Protocol's; else None."""
+    if path.startswith("/restore/"):
+        return path.removeprefix("/restore/"), "native"
+    if m := _V2_INFER.match(path):
+        return m.group(1), "v2"
+    return None

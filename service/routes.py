@@ -20,7 +20,7 @@ from .runtime import Service
 router = APIRouter()
 _bearer = HTTPBearer(auto_error=False, description="Needed only when the server sets MPRNET_API_TOKEN")
 # error code -> reason label of mprnet_rejected_total
-_REASONS = {"queue_full": "queue_full", "deadline": "deadline", "disconnected": "disconnected", "draining": "draining", "not_ready": "not_ready",
+REASONS = {"queue_full": "queue_full", "deadline": "deadline", "disconnected": "disconnected", "draining": "draining", "not_ready": "not_ready",
             "too_large": "too_large", "uploads_busy": "uploads_busy", "out_of_memory": "oom", "bad_input": "bad_input", "unsupported": "unsupported", "not_acceptable": "unsupported"}
 
 
@@ -93,8 +93,8 @@ async def restore(
             gone=lambda: wait_for_disconnect(request.receive),
         )
     except ServiceError as e:
-        if e.code in _REASONS:
-            service.metrics.reject(task, _REASONS[e.code])
+        if e.code in REASONS:
+            service.metrics.reject(task, REASONS[e.code])
         raise
     return Response(body, media_type=codec.OUTPUTS[fmt], headers={"Server-Timing": timings.server_timing()})
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from .settings import MEGA, Settings
 from .worker import DeviceWorker
 
 log = logging.getLogger("service")
+_inside_admitted: contextvars.ContextVar[bool] = contextvars.ContextVar("inside_admitted", default=False)
 T = TypeVar("T")
 
 
@@ -148,17 +150,20 @@ class Service:
     def admitted(self, task: str, deadline: float) -> Iterator[Ticket]:
         """Admit a request of `task` or refuse it: 503 while draining or not warm, 429 when the queue is full or
         cannot be expected to start it by `deadline`. Inside, it counts as admitted work that a drain waits for;
-        the ticket is for `batcher.submit`."""
-        if self.draining:
+        the ticket is for `batcher.submit`. Admissions nested inside one (the images of a multi-image request)
+        are part of admitted work: a drain that began meanwhile does not refuse them."""
+        if self.draining and not _inside_admitted.get():
             raise Draining()
         self.check_ready(task)
         ticket = self.batcher.admit(task, deadline)
         self._in_flight += 1
         self._idle.clear()
+        inside = _inside_admitted.set(True)  # copied into tasks created inside, as contextvars are
         try:
             with ticket:
                 yield ticket
         finally:
+            _inside_admitted.reset(inside)
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()

@@ -91,6 +91,38 @@ async def fake_app(model: FakeModel | None = None, **settings) -> AsyncIterator[
         yield client, model, app
 
 
+def asgi_call(app, path: str, body: bytes, headers: dict[str, str], body_ready=None, disconnect=None):
+    """POST `body` to the app at the ASGI level, as a server would: the body arrives once `body_ready` (an
+    anyio.Event, or None: at once) is set, and the client goes away when `disconnect` is set. Returns the
+    call's task and the list of messages the app sent."""
+    import anyio
+
+    sent: list[dict] = []
+    given = False
+    disconnect = disconnect or anyio.Event()
+
+    async def receive():
+        nonlocal given
+        if not given:
+            if body_ready is not None:
+                await body_ready.wait()
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    raw = [(k.encode(), v.encode()) for k, v in {**headers, "content-length": str(len(body))}.items()]
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1),
+        "server": ("test", 80), "headers": raw,
+    }
+    return asyncio.create_task(app(scope, receive, send)), sent
+
+
 def png(arr: np.ndarray, **save) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "PNG", **save)

@@ -13,7 +13,7 @@ import torch
 from service import codec
 from service.app import create_app
 from tests.live_server import metric_value
-from tests.service.conftest import FakeModel, decode, fake_app, fake_models, png, rand_image, running, test_settings
+from tests.service.conftest import FakeModel, asgi_call, decode, fake_app, fake_models, png, rand_image, running, test_settings
 
 pytestmark = pytest.mark.anyio
 IMG = rand_image(20, 30, seed=1)
@@ -174,39 +174,29 @@ async def test_deadline_passed_while_waiting_for_a_decode_thread_is_504_then(mon
         assert (await client.post("/restore/deblur", content=png(IMG), headers=RAW)).status_code == 200
 
 
-async def test_client_that_disconnects_while_queued_is_dropped_before_compute():
+async def dropped_when_gone(path: str, body: bytes, headers: dict[str, str], images: list) -> str:
+    """Queue a request behind a held batch, let its client go away: it is dropped before compute, its
+    `images` never reach the model. Returns the /metrics text after."""
     async with fake_app() as (client, model, app):
         first = await occupy(client, model)
-        gone_image = rand_image(16, 16, seed=6)
-        body, disconnect, sent = png(gone_image), anyio.Event(), []
-        body_read = False
-
-        async def receive():
-            nonlocal body_read
-            if not body_read:
-                body_read = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await disconnect.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message):
-            sent.append(message)
-
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/restore/deblur",
-                 "raw_path": b"/restore/deblur", "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1), "server": ("test", 80),
-                 "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())]}
-        call = asyncio.create_task(app(scope, receive, send))
-        await until(lambda: app.state.service.batcher.depth() == 1)
+        disconnect = anyio.Event()
+        call, _ = asgi_call(app, path, body, headers, None, disconnect)
+        await until(lambda: app.state.service.batcher.depth() == len(images))
         disconnect.set()
         with anyio.fail_after(10):
             await call
         assert app.state.service.batcher.depth() == 0
         model.gate.set()
         assert (await first).status_code == 200
-        assert not model.saw(as_tensor(gone_image))
-        text = (await client.get("/metrics")).text
-        assert metric_value(text, "mprnet_rejected_total", task="deblur", reason="disconnected") == 1
-        assert metric_value(text, "mprnet_requests_total", task="deblur", status="499") == 1
+        assert not any(model.saw(as_tensor(image)) for image in images)
+        return (await client.get("/metrics")).text
+
+
+async def test_client_that_disconnects_while_queued_is_dropped_before_compute():
+    gone_image = rand_image(16, 16, seed=6)
+    text = await dropped_when_gone("/restore/deblur", png(gone_image), RAW, [gone_image])
+    assert metric_value(text, "mprnet_rejected_total", task="deblur", reason="disconnected") == 1
+    assert metric_value(text, "mprnet_requests_total", task="deblur", status="499") == 1
 
 
 async def test_model_error_is_a_json_500_and_the_service_keeps_serving():

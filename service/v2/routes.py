@@ -1,0 +1,385 @@
+"""The Open Inference Protocol's (KServe v2) REST endpoints, beside our own API and on the same service.
+
+Health, server and model metadata, and inference (`POST /v2/models/{task}/infer`) with the JSON tensor
+form and the binary tensor data extension. Everything behind the route is the one restore pipeline
+(`Service.restore_with`): admission and 429s, deadlines, disconnects, drain and metrics are the same as for
+`POST /restore/{task}`. Errors are the protocol's `{"error": "<message>"}`, with the status our API gives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from torch import Tensor
+
+from .. import codec, pipeline
+from ..errors import ServiceError
+from ..http_io import raw_upload, wait_for_disconnect
+from ..routes import REASONS, Authorized, ServiceDep
+from ..runtime import Service
+from . import images
+from .protocol import HEADER, parse_request, serialize_response
+
+log = logging.getLogger("service")
+SERVER_NAME = "mprnet-serve"
+EXTENSIONS = ["binary_tensor_data"]
+
+
+def v2_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class V2Route(APIRoute):
+    """Answers every error of these routes in the protocol's shape, `{"error": "..."}`, with our API's status."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ServiceError as e:
+                return v2_error(e.status, e.detail, e.headers)
+            except RequestValidationError as e:
+                parts = [
+                    f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}" for err in e.errors()
+                ]
+                return v2_error(422, "; ".join(parts) or "invalid request")
+            except Exception as e:  # noqa: BLE001 - logged with the request id; the client learns nothing more
+                rid = request.scope.get("request_id", "-")
+                log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=e)
+                return v2_error(500, f"Internal error; quote request id {rid}.")
+
+        return route
+
+
+_ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+_ERROR_TEXT = {
+    400: "Bad tensor (datatype, shape, byte count, base64, binary framing), parameter or image file",
+    401: "Missing or wrong bearer token",
+    404: "Unknown model",
+    408: "The body stopped arriving (idle) or was still arriving at the deadline",
+    413: "Body or image over the limit",
+    415: "Unsupported image format",
+    422: "Invalid header value",
+    429: "Queue full, or too many uploads being received at once; see Retry-After",
+    499: "The client went away before the answer",
+    500: "Internal error (logged with the request id)",
+    503: "Not ready, draining, or out of device memory; see Retry-After",
+    504: "Deadline passed before processing started",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict]:
+    return {s: {"description": _ERROR_TEXT[s], "content": {"application/json": {"schema": _ERROR}}} for s in statuses}
+
+
+router = APIRouter(prefix="/v2", route_class=V2Route, tags=["Open Inference Protocol (KServe v2)"])
+ModelName = Annotated[str, Path(description="The model: a task this server restores (deblur, derain, denoise)")]
+
+
+def _model(service: Service, task: str) -> None:
+    if task not in service.models:
+        raise ServiceError(404, "unknown_task", f"Unknown model {task!r}; this server has: {', '.join(service.tasks)}.")
+
+
+# ---- health and metadata -------------------------------------------------------------------------
+
+
+@router.get("", summary="Server metadata", responses=_errors(500))
+async def server_metadata(request: Request) -> dict[str, Any]:
+    """The server's name, version and protocol extensions."""
+    return {"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS}
+
+
+@router.get("/health/live", summary="Server liveness", responses={503: {"description": "Unrecoverable device error"}})
+async def server_live(service: ServiceDep) -> JSONResponse:
+    """200 `{"live": true}` while the process can serve; 503 after an unrecoverable device error (as /livez)."""
+    live = not service.worker.failure
+    return JSONResponse({"live": live}, status_code=200 if live else 503)
+
+
+@router.get(
+    "/health/ready",
+    summary="Server readiness",
+    responses={503: {"description": "Warming up, draining or device failure"}},
+)
+async def server_ready(service: ServiceDep) -> JSONResponse:
+    """200 `{"ready": true}` when every model is warm and the device answers (as /readyz); else 503."""
+    ok, _ = await service.readiness()
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "5"})
+
+
+@router.get(
+    "/models/{task}/ready",
+    summary="Model readiness",
+    responses={**_errors(404), 503: {"description": "Warming up or draining"}},
+)
+async def model_ready(task: ModelName, service: ServiceDep) -> JSONResponse:
+    """200 `{"name", "ready": true}` when the model is warm and the server not draining; else 503."""
+    _model(service, task)
+    ok = service.warm[task] and not service.draining
+    return JSONResponse(
+        {"name": task, "ready": ok}, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "5"}
+    )
+
+
+@router.get("/models/{task}", dependencies=Authorized, summary="Model metadata", responses=_errors(401, 404))
+async def model_metadata(task: ModelName, service: ServiceDep) -> dict[str, Any]:
+    """The model's tensors (-1: any size), its platform, and our own fields: configuration, weights and engine."""
+    _model(service, task)
+    described = service.models[task].describe()
+    engine = described.get("engine") or {}
+    inputs, outputs = images.metadata_tensors()
+    return {
+        "name": task,
+        "platform": _platform(engine),
+        "inputs": inputs,
+        "outputs": outputs,
+        "max_batch_size": service.settings.max_batch_size,
+        "configuration": described["model"],
+        "weights": described["weights"],
+        "engine": {"device": described["device"], "precision": described["precision"], **engine},
+        "paper_task": described["paper_task"],
+    }
+
+
+def _platform(engine: dict) -> str:
+    """Triton's platform names: PyTorch for our torch engine, OpenVINO where that engine runs the model."""
+    name = str(engine.get("name", "torch")).lower()
+    return "openvino" if "openvino" in name else "pytorch"
+
+
+# ---- inference -----------------------------------------------------------------------------------
+
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string", "enum": list(images.INPUTS)},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": ["UINT8", "BYTES"]},
+        "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}},
+        "data": {
+            "type": "array",
+            "description": "UINT8: integers 0-255, row-major (flat or nested); BYTES: base64 strings",
+        },
+    },
+}
+_INFER_REQUEST = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "binary_data_output": {"type": "boolean"},
+                "timeout": {"type": "integer", "description": "Microseconds before compute must start"},
+                "format": {"type": "string", "enum": list(images.FILE_FORMATS)},
+                "quality": {"type": "integer", "minimum": 1, "maximum": 100},
+            },
+        },
+        "inputs": {"type": "array", "items": _TENSOR, "minItems": 1, "maxItems": 1},
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string", "enum": list(images.OUTPUTS)},
+                    "parameters": {"type": "object"},
+                },
+            },
+        },
+    },
+}
+_BINARY_BODY = {
+    "type": "string",
+    "format": "binary",
+    "description": f"The JSON request, then the binary tensors; `{HEADER}` says where the JSON ends",
+}
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": images.__doc__,
+        "content": {
+            "application/json": {"schema": _INFER_REQUEST},
+            "application/octet-stream": {"schema": _BINARY_BODY},
+        },
+    },
+    "parameters": [
+        {
+            "name": HEADER,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 0},
+            "description": "Length of the JSON part of a body with binary tensors",
+        },
+    ],
+}
+_INFERRED = {
+    200: {
+        "description": f"The inference response: JSON, or JSON then binary tensors ({HEADER}: the JSON's length)",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    **_errors(400, 401, 404, 408, 413, 415, 422, 429, 499, 500, 503, 504),
+}
+
+
+@router.post(
+    "/models/{task}/infer", dependencies=Authorized, summary="Inference", responses=_INFERRED, openapi_extra=_INFER_BODY
+)
+async def infer(
+    task: ModelName,
+    request: Request,
+    service: ServiceDep,
+    timeout: Annotated[
+        float | None,
+        Header(
+            alias="X-Request-Timeout",
+            gt=0,
+            le=86400,
+            description="Seconds before compute must start; can only shorten the server's default",
+        ),
+    ] = None,
+) -> Response:
+    """Restore the input's images: UINT8 pixels ([H, W, 3] or [N, H, W, 3]) or BYTES files ([N])."""
+    try:
+        return await _infer(task, request, service, timeout)
+    except ServiceError as e:
+        if e.code in REASONS:
+            service.metrics.reject(task, REASONS[e.code])
+        raise
+
+
+async def _infer(task: str, request: Request, service: Service, header_timeout: float | None) -> Response:
+    _model(service, task)
+    s = service.settings
+    arrived = request.scope["arrived"]
+    # 503/429 before the body is read; a drain waits for the whole request
+    admission_deadline = service.deadline(arrived, header_timeout)
+    with service.admitted(task, admission_deadline) as ticket:
+        async with raw_upload(request, s.max_upload_bytes, service.uploads, admission_deadline) as (body, release):
+            call = await service.in_codec_pool(_parse, body, request.headers.get(HEADER), s.max_batch_size)
+            ticket.close()  # from here each image is admitted (and counted in the queue's limits) on its own
+            timeouts = [t for t in (header_timeout, call.timeout_s) if t is not None]
+            deadline = service.deadline(arrived, min(timeouts) if timeouts else None)
+            # one watcher for all the request's images: the connection has one receive channel
+            watch = asyncio.ensure_future(wait_for_disconnect(request.receive))
+            try:
+                results = await _restore_all(
+                    service, task, call, arrived, deadline, request.scope["request_id"], watch, release
+                )
+            finally:
+                watch.cancel()
+    restored = [r[0][0] for r in results] if images.wants(call, images.RESTORED) else None
+    files = [r[0][1] for r in results] if images.wants(call, images.RESTORED_FILE) else None
+    if restored is not None:
+        images.check_pixel_output(call, [p.shape[:2] for p in restored])
+    outputs = images.output_tensors(call, restored, files)
+    body, json_length = await service.in_codec_pool(serialize_response, task, call.id, outputs)
+    headers = {"Server-Timing": _slowest([r[1] for r in results]).server_timing()}
+    if json_length is None:
+        return Response(body, media_type="application/json", headers=headers)
+    return Response(body, media_type="application/octet-stream", headers={**headers, HEADER: str(json_length)})
+
+
+def _parse(body: bytes, header_length: str | None, max_images: int) -> images.ImageCall:
+    return images.image_call(parse_request(body, header_length), max_images)
+
+
+Result = tuple[tuple[np.ndarray | None, bytes | None], pipeline.Timings]
+
+
+async def _restore_all(
+    service: Service,
+    task: str,
+    call: images.ImageCall,
+    arrived: float,
+    deadline: float,
+    request_id: str,
+    watch: asyncio.Future,
+    release: Callable[[], None],
+) -> list[Result]:
+    """Every image of the call through the pipeline at once (so they batch together); the first error
+    cancels the others (dropped before compute, as for a client that went away)."""
+    pixels_wanted = images.wants(call, images.RESTORED) is not None
+    file_wanted = images.wants(call, images.RESTORED_FILE)
+    png_effort = service.settings.png_effort
+    items: list = list(call.pixels) if call.pixels is not None else list(call.files or [])
+    left = [len(items)]
+
+    def finish(restored: Tensor, decoded: codec.Decoded) -> tuple[np.ndarray | None, bytes | None]:
+        pixels = pipeline.to_pixels(restored) if pixels_wanted else None
+        encoded = None
+        if file_wanted is not None:
+            encoded = codec.encode(restored, decoded, file_wanted.format, file_wanted.quality, png_effort)
+        return pixels, encoded
+
+    def source(item: np.ndarray | bytes) -> Callable[[], AbstractAsyncContextManager[np.ndarray | bytes]]:
+        @contextlib.asynccontextmanager
+        async def opened() -> AsyncIterator[np.ndarray | bytes]:
+            try:
+                yield item
+            finally:  # this image is queued (its pixels copied) or refused
+                left[0] -= 1
+                if not left[0]:
+                    release()  # the body no longer counts as an upload in MPRNET_MAX_INFLIGHT_UPLOAD_BYTES
+
+        return opened
+
+    def gone() -> Awaitable[None]:
+        return asyncio.shield(watch)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            runs = [
+                group.create_task(
+                    service.restore_with(
+                        task, source(item), finish, arrived=arrived, deadline=deadline, request_id=request_id, gone=gone
+                    )
+                )
+                for item in items
+            ]
+    except BaseExceptionGroup as eg:
+        raise _first_error(eg) from None
+    return [r.result() for r in runs]
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to answer with: the first ServiceError (a client's mistake or a refusal), else the first error."""
+    errors = list(_leaves(group))
+    return next((e for e in errors if isinstance(e, ServiceError)), errors[0])
+
+
+def _leaves(group: BaseExceptionGroup):
+    for e in group.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            yield from _leaves(e)
+        else:
+            yield e
+
+
+def _slowest(timings: list[pipeline.Timings]) -> pipeline.Timings:
+    return max(timings, key=lambda t: t.decode + t.queue + t.inference + t.encode)
+
+
+@router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+async def not_found(path: str) -> JSONResponse:
+    return v2_error(
+        404, f"No route /v2/{path}. This server keeps one version of each model (leave out /versions/<v>); see /docs."
+    )
