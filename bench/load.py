@@ -6,6 +6,10 @@ throughput, end-to-end latency p50/p95/p99, the server's own queue and inference
 `Server-Timing` header) and the HTTP overhead = end-to-end minus (queue + inference): everything that
 is not the model or waiting for it (upload, decode, padding/tiling, blending, encode, download).
 
+`--protocol v2` sends the same images through the Open Inference Protocol (KServe v2) instead, as
+`tritonclient` sends real payloads: UINT8 pixels [H, W, 3] as a binary tensor, the restored pixels asked
+back as binary; `--protocol both` measures each level with both, one after the other.
+
 `--raw` first measures the model alone, in this process, on exactly the items the service would
 run for the same mix (same planner, same batch size, 8-bit items moved and converted by the service's
 device worker as in the service), so "throughput at saturation / raw model throughput" says what the
@@ -19,6 +23,7 @@ client's cost out of what is reported as the server's overhead; `--client httpx`
     python -m bench.load --spawn --weights model/weights --task denoise \\
         --sizes 256x256 --concurrency 1,2,4,8 --duration 20 --raw     # --weights tiny: a stated small model
     python -m bench.load --url http://127.0.0.1:8000 --task deblur --rate 2 --duration 30
+    python -m bench.load --spawn --weights tiny --sizes 256x256 --concurrency 1,8 --protocol both
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import io
+import json
 import os
 import platform
 import signal
@@ -66,6 +72,35 @@ def make_images(sizes: list[tuple[int, int]]) -> list[bytes]:
         resized.crop((0, 0, w, h)).save(buf, "PNG")
         images.append(buf.getvalue())
     return images
+
+
+@dataclass
+class Call:
+    """One request as sent: path under the server, body, headers, and the image's pixel count."""
+
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    pixels: int
+
+
+def native_calls(task: str, images: list[bytes], sizes: list[tuple[int, int]]) -> list[Call]:
+    headers = {"content-type": "image/png"}
+    return [Call(f"/restore/{task}", png, headers, w * h) for png, (w, h) in zip(images, sizes, strict=True)]
+
+
+def v2_calls(task: str, images: list[bytes], sizes: list[tuple[int, int]]) -> list[Call]:
+    """The binary tensor form of the Open Inference Protocol: the JSON, then the image's pixels."""
+    calls = []
+    for png, (w, h) in zip(images, sizes, strict=True):
+        pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))  # (h, w, 3) uint8
+        size = {"binary_data_size": pixels.nbytes}
+        tensor = {"name": "image", "datatype": "UINT8", "shape": list(pixels.shape), "parameters": size}
+        wanted = {"name": "restored", "parameters": {"binary_data": True}}
+        head = json.dumps({"inputs": [tensor], "outputs": [wanted]}).encode()
+        headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(head))}
+        calls.append(Call(f"/v2/models/{task}/infer", head + pixels.tobytes(), headers, w * h))
+    return calls
 
 
 @dataclass
@@ -143,22 +178,25 @@ def make_client(kind: str, connections: int):
     return httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
 
 
-async def one(client, url: str, body: bytes, pixels: int) -> Sample:
+async def one(client, url: str, call: Call) -> Sample:
     start = time.perf_counter()
     try:
-        r = await client.post(url, content=body, headers={"content-type": "image/png"})
+        r = await client.post(url + call.path, content=call.body, headers=call.headers)
         status, timing = r.status_code, parse_server_timing(r.headers.get("server-timing"))
     except (httpx.HTTPError, OSError, EOFError):
         status, timing = 0, {}
-    return Sample((time.perf_counter() - start) * 1000, status, timing, pixels)
+    return Sample((time.perf_counter() - start) * 1000, status, timing, call.pixels)
 
 
-async def closed_loop(url: str, images: list[bytes], pixels: list[int], concurrency: int, duration: float, max_requests: int, on_start=None, client_kind: str = "raw") -> tuple[list[Sample], float]:
+async def closed_loop(
+    url: str, calls: list[Call], concurrency: int, duration: float, max_requests: int, on_start=None,
+    client_kind: str = "raw",
+) -> tuple[list[Sample], float]:
     """Returns the samples and the elapsed time (the warm-up requests excluded)."""
     samples: list[Sample] = []
     async with make_client(client_kind, concurrency) as client:
         # warm the connections and the server's queue once per client
-        await asyncio.gather(*(one(client, url, images[i % len(images)], pixels[i % len(images)]) for i in range(concurrency)))
+        await asyncio.gather(*(one(client, url, calls[i % len(calls)]) for i in range(concurrency)))
         if on_start:
             on_start()
         start = time.perf_counter()
@@ -169,19 +207,21 @@ async def closed_loop(url: str, images: list[bytes], pixels: list[int], concurre
                 n = next(counter)
                 if n >= max_requests:
                     return
-                samples.append(await one(client, url, images[n % len(images)], pixels[n % len(images)]))
+                samples.append(await one(client, url, calls[n % len(calls)]))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return samples, time.perf_counter() - start
 
 
-async def fixed_rate(url: str, images: list[bytes], pixels: list[int], rate: float, duration: float, client_kind: str = "raw") -> tuple[list[Sample], float]:
+async def fixed_rate(
+    url: str, calls: list[Call], rate: float, duration: float, client_kind: str = "raw"
+) -> tuple[list[Sample], float]:
     samples: list[Sample] = []
     async with make_client(client_kind, 256) as client:
         start, pending, n = time.perf_counter(), [], 0
         while (due := start + n / rate) < start + duration:
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            pending.append(asyncio.create_task(one(client, url, images[n % len(images)], pixels[n % len(images)])))
+            pending.append(asyncio.create_task(one(client, url, calls[n % len(calls)])))
             n += 1
         samples = list(await asyncio.gather(*pending))
         return samples, time.perf_counter() - start
@@ -337,11 +377,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw", action="store_true", help="measure the model alone first (before the server starts)")
     ap.add_argument("--raw-repeats", type=int, default=5)
     ap.add_argument("--client", choices=["raw", "httpx"], default="raw", help="HTTP client: raw (minimal, about 0.4 ms per request) or httpx (about 2 ms)")
+    ap.add_argument("--protocol", choices=["native", "v2", "both"], default="native",
+                    help="native: POST /restore/{task} with PNG; v2: Open Inference Protocol, binary UINT8 tensors")
     args = ap.parse_args(argv)
 
     args.weights = tiny_weights(args.task) if args.weights == "tiny" else Path(args.weights)
     sizes = parse_sizes(args.sizes)
-    images, pixels = make_images(sizes), [w * h for w, h in sizes]
+    images = make_images(sizes)
+    protocols = ["native", "v2"] if args.protocol == "both" else [args.protocol]
+    calls = {"native": native_calls(args.task, images, sizes), "v2": v2_calls(args.task, images, sizes)}
     levels = [int(c) for c in args.concurrency.split(",")]
     raw = raw_throughput(args.weights, args.task, sizes, max(levels), args.raw_repeats) if args.raw else None
 
@@ -355,26 +399,28 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{port}"
     if not url:
         ap.error("give --url or --spawn")
-    endpoint = f"{url}/restore/{args.task}"
     rows = []
     try:
-        for c in [None] if args.rate else levels:
+        for c, protocol in [(c, p) for c in ([None] if args.rate else levels) for p in protocols]:
             mark = [device_seconds(url, args.task)]
             if c is None:
-                samples, elapsed = asyncio.run(fixed_rate(endpoint, images, pixels, args.rate, args.duration, args.client))
+                samples, elapsed = asyncio.run(fixed_rate(url, calls[protocol], args.rate, args.duration, args.client))
             else:
                 def reset(mark: list[float] = mark) -> None:  # once the warm-up requests are done
                     mark[0] = device_seconds(url, args.task)
 
-                samples, elapsed = asyncio.run(closed_loop(endpoint, images, pixels, c, args.duration, args.max_requests, reset, args.client))
+                run = closed_loop(url, calls[protocol], c, args.duration, args.max_requests, reset, args.client)
+                samples, elapsed = asyncio.run(run)
             busy = device_seconds(url, args.task) - mark[0]
-            rows.append(summarize(f"{args.rate:g} req/s" if c is None else f"C={c}", samples, elapsed, busy))
+            label = f"{args.rate:g} req/s" if c is None else f"C={c}"
+            rows.append(summarize(label if len(protocols) == 1 else f"{label} {protocol}", samples, elapsed, busy))
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; task {args.task}; sizes {args.sizes}; client {args.client}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; "
+          f"task {args.task}; sizes {args.sizes}; client {args.client}; protocol {args.protocol}")
     print(table(rows))
     dec, enc = codec_cpu_ms(images)
     print(f"\ncodec CPU per request, one thread, no load from this benchmark: decode+plan {dec:.1f} ms, assemble+PNG encode {enc:.1f} ms")

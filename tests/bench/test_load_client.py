@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
-from bench.load import RawClient, one
+from bench.load import Call, RawClient, native_calls, one, v2_calls
 
 pytestmark = pytest.mark.anyio
 
@@ -68,11 +69,29 @@ async def test_keep_alive_chunked_and_close():
     assert [s[0] for s in seen] == [1, 1, 1, 2]  # kept alive until the server said close
 
 
+CALL = Call("/restore/denoise", b"png", {"content-type": "image/png"}, 16)
+
+
 async def test_one_records_timing_and_connection_failure():
     server, port, _ = await scripted_server([b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nserver-timing: decode;dur=2.0, queue;dur=0.5\r\n\r\n"])
     async with server, RawClient() as client:
-        ok = await one(client, f"http://127.0.0.1:{port}/restore/denoise", b"png", 16)
+        ok = await one(client, f"http://127.0.0.1:{port}", CALL)
     assert ok.status == 200 and ok.timing == {"decode": 2.0, "queue": 0.5} and ok.pixels == 16
     async with RawClient() as client:  # the server is gone: a failed sample, not an exception
-        failed = await one(client, f"http://127.0.0.1:{port}/restore/denoise", b"png", 16)
+        failed = await one(client, f"http://127.0.0.1:{port}", CALL)
     assert failed.status == 0
+
+
+def test_v2_calls_carry_the_same_pixels_as_the_native_ones():
+    from service.v2.images import image_call
+    from service.v2.protocol import parse_request
+    from tests.service.conftest import decode, png, rand_image
+
+    images = [png(rand_image(5, 7, seed=1)), png(rand_image(3, 2, seed=2))]
+    sizes = [(7, 5), (2, 3)]
+    native, v2 = native_calls("deblur", images, sizes), v2_calls("deblur", images, sizes)
+    for n, v, data in zip(native, v2, images, strict=True):
+        assert (n.path, n.body, n.pixels) == ("/restore/deblur", data, v.pixels)
+        assert v.path == "/v2/models/deblur/infer" and v.headers["content-type"] == "application/octet-stream"
+        call = image_call(parse_request(v.body, v.headers["inference-header-content-length"]), 1)
+        assert np.array_equal(call.pixels[0], decode(data)) and call.outputs[0].binary
