@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import struct
 import time
 import zlib
 from collections.abc import Callable
@@ -41,6 +42,9 @@ FAST_PNG_MODES = (None, "L", "LA", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I;1
 # 88, 0.8 / 2.2; level 1 + Z_RLE 10.1 / 173, 7.7 / 76, 0.8 / 1.1: faster and smaller on all three.
 PNG_COMPRESS_LEVEL = 1
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+# What Pillow raises for a malformed EXIF block while reading it (a fuzz of EXIF bytes saw SyntaxError,
+# struct.error and TypeError) or for metadata a format cannot hold when writing (JPEG: EXIF over 64 KB)
+_BAD_METADATA = (OSError, ValueError, TypeError, KeyError, IndexError, SyntaxError, EOFError, struct.error)
 # Formats people send that we do not decode: answered 415 rather than "not an image"
 _OTHER_MAGIC = {b"%PDF": "PDF", b"<svg": "SVG", b"<?xm": "SVG/XML", b"8BPS": "PSD", b"\x00\x00\x01\x00": "ICO"}
 
@@ -135,7 +139,7 @@ def decode(
         img = _load(img)
     except _OverBudget:
         raise over_budget from None
-    with contextlib.suppress(Exception):  # an unreadable EXIF block costs the orientation, not the request
+    with contextlib.suppress(*_BAD_METADATA):  # an unreadable EXIF block costs the orientation, not the request
         img = ImageOps.exif_transpose(img)  # upright pixels; the orientation tag is dropped
     if clock() > deadline:
         raise over_budget
@@ -191,10 +195,10 @@ def encode(restored: Tensor, decoded: Decoded, fmt: str, quality: int | None, pn
     extra = {k: v for k, v in (("icc_profile", decoded.icc), ("exif", decoded.exif)) if v}
     try:
         return _save(img, fmt, quality, extra)
-    except Exception:
+    except _BAD_METADATA:
         if not extra:
             raise
-        return _save(img, fmt, quality, {})
+        return _save(img, fmt, quality, {})  # the pixels without the metadata the format refused
 
 
 def _save(img: Image.Image, fmt: str, quality: int | None, extra: dict) -> bytes:

@@ -8,6 +8,7 @@ the machine's speed.
 
 from __future__ import annotations
 
+import io
 import time
 from collections import Counter
 
@@ -23,6 +24,7 @@ from tests.service.conftest import fake_app, png
 pytestmark = pytest.mark.anyio
 BIG = 25_000_000  # the default pixel cap: a declared 2000x2000 passes it
 OCTETS = {"content-type": "application/octet-stream"}
+PNG = {"content-type": "image/png"}
 
 
 class Ticks:
@@ -116,18 +118,21 @@ async def test_the_service_decodes_under_its_budget_setting(monkeypatch):
 
     monkeypatch.setattr(codec, "decode", spy)
     async with fake_app(decode_budget_s=3.5) as (client, _, _):
-        r = await client.post("/restore/denoise", content=png(crafted.small()), headers={"content-type": "image/png"})
+        r = await client.post("/restore/denoise", content=png(crafted.small()), headers=PNG)
     assert r.status_code == 200 and budgets == [3.5]
 
 
 def _sources() -> dict[str, bytes]:
     img = crafted.small(seed=3, h=24, w=20)
     gray = img[:, :, 0]
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F], exif[0x8769] = 6, "camera", {0x9003: "2026:12:01 12:00:00"}  # orientation, make, date
     frames = [Image.fromarray(np.roll(img, k, axis=1)) for k in range(3)]
     return {
         "png": crafted.encoded(img, "PNG"),
         "png-gray": crafted.encoded(gray, "PNG"),
         "jpeg": crafted.encoded(img, "JPEG", quality=90),
+        "jpeg-exif": crafted.encoded(img, "JPEG", quality=90, exif=exif.tobytes()),
         "jpeg-progressive": crafted.encoded(img, "JPEG", quality=90, progressive=True),
         "tiff": crafted.encoded(img, "TIFF"),
         "tiff-lzw": crafted.encoded(img, "TIFF", compression="tiff_lzw"),
@@ -164,7 +169,7 @@ def _mutations(data: bytes, rng: np.random.Generator, n: int):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the broken TIFF tags and EXIF blocks it skips
 async def test_mutated_files_never_get_a_5xx_nor_decode_past_the_budget():
-    """A fixed-seed fuzz of valid PNG, JPEG, TIFF, GIF, WebP and BMP files (400 cases): every answer is
+    """A fixed-seed fuzz of valid PNG, JPEG, TIFF, GIF, WebP and BMP files (440 cases): every answer is
     200 or a 4xx, each decode returns or stops within its budget (plus one read's slack), and the server
     still restores a valid image afterwards."""
     budget, max_pixels = 2.0, 4_000_000
@@ -182,7 +187,16 @@ async def test_mutated_files_never_get_a_5xx_nor_decode_past_the_budget():
                 r = await client.post("/restore/denoise", content=case, headers=OCTETS)
                 assert r.status_code < 500, (name, i, r.text)
                 seen[r.status_code] += 1
-        r = await client.post("/restore/denoise", content=png(crafted.small()), headers={"content-type": "image/png"})
+        r = await client.post("/restore/denoise", content=png(crafted.small()), headers=PNG)
         assert r.status_code == 200
     assert seen[200] and seen[400]  # the mutations reach both outcomes
     assert set(seen) <= {200, 400, 413, 415}, seen
+
+
+async def test_metadata_an_output_format_cannot_hold_is_dropped_not_a_500():
+    """A PNG's 70 KB EXIF block does not fit a JPEG (64 KB segments): the answer comes without it."""
+    data = png(crafted.small(), exif=b"Exif\x00\x00" + bytes(70_000))
+    async with fake_app() as (client, _, _):
+        r = await client.post("/restore/denoise", content=data, headers=PNG, params={"format": "jpeg"})
+    assert r.status_code == 200, r.text
+    assert "exif" not in Image.open(io.BytesIO(r.content)).info
