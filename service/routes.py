@@ -107,8 +107,10 @@ async def tasks(service: ServiceDep) -> dict[str, Any]:
 
 @router.get("/livez", summary="Liveness", responses={503: {"description": "Unrecoverable device error: restart the process"}})
 async def livez(service: ServiceDep) -> JSONResponse:
-    """200 while the process runs (also while warming up or draining); 503 after an unrecoverable device
-    error (a sticky CUDA error needs a new process)."""
+    """200 while the process runs (also while warming up or draining); 503 once the device is lost: a sticky
+    CUDA error, a device error a fresh probe confirmed, or several device probes in a row that failed or
+    timed out (each call probes; a dead or hung GPU needs a new process)."""
+    await service.worker.probe()
     if service.worker.failure:
         return JSONResponse({"status": "device_failed", "detail": service.worker.failure}, status_code=503)
     return JSONResponse({"status": "alive"})

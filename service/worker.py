@@ -3,7 +3,8 @@
 Out of memory is an answer about one batch, not a crash: the cache is emptied and the batch is split
 in halves and retried; an item that cannot run even alone comes back as `ItemOutOfMemory` in its
 slot, so the batcher can re-plan that one request with smaller tiles. Any other error fails the whole
-batch (the batcher fans it out to every member); a CUDA error marks the device failed for /readyz.
+batch (the batcher fans it out to every member). A sticky CUDA error, a device error that a fresh probe
+confirms, or several failed probes in a row mark the device failed: /livez asks for a new process.
 
 Items arrive as uint8 pixel values (8-bit images) or float32 in [0, 1] (16-bit ones), possibly both
 in one batch; the engine moves them to its device and back (`InferenceEngine.run_items`).
@@ -23,21 +24,59 @@ from torch import Tensor
 from model.engine_api import BatchMismatch, InferenceEngine
 
 log = logging.getLogger("service.worker")
-__all__ = ["BatchMismatch", "DeviceWorker", "ItemOutOfMemory", "is_out_of_memory"]
+__all__ = ["BatchMismatch", "DeviceWorker", "ItemOutOfMemory", "device_error_kind", "is_out_of_memory"]
 
 
 class ItemOutOfMemory(Exception):
     """One item did not fit in device memory even in a batch of one."""
 
 
+# Allocation failures outside torch's caching allocator (a library's workspace, a raw cudaMalloc):
+# recoverable like torch.OutOfMemoryError, and answered the same way (free the cache, split the batch).
+_ALLOCATION_FAILURES = (
+    "can't allocate memory",
+    "CUDA error: out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+)
+# Sticky errors: the CUDA context is corrupt and every later call fails the same way; only a new
+# process recovers (the CUDA runtime's descriptions of those error codes, as torch puts them in messages).
+_STICKY = (
+    "illegal memory access",
+    "illegal instruction",
+    "misaligned address",
+    "unspecified launch failure",
+    "device-side assert",
+    "uncorrectable ECC error",
+    "hardware stack error",
+    "invalid program counter",
+    "launch timed out",
+    "operation not supported on global/shared address space",
+)
+# Errors raised by the device or its libraries that need not leave it broken (an unsupported cuDNN
+# algorithm, a bad launch configuration, a cuBLAS status): confirmed with a fresh probe before failing.
+_DEVICE_ERRORS = ("CUDA error", "CUDA driver error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error")
+
+
 def is_out_of_memory(e: BaseException) -> bool:
-    # torch.OutOfMemoryError on CUDA; the CPU allocator raises a plain RuntimeError
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+    # torch.OutOfMemoryError on CUDA; the CPU allocator and the CUDA libraries raise plain RuntimeErrors
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in _ALLOCATION_FAILURES)
 
 
-def _is_device_failure(e: BaseException) -> bool:
+def device_error_kind(e: BaseException) -> str | None:
+    """'sticky' (the device is lost for this process), 'device' (a device error that may be recoverable:
+    ask the device) or None (not the device's: a bug or bad input, nothing to say about the device)."""
+    if is_out_of_memory(e):
+        return None
     text = str(e)
-    return any(s in text for s in ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "device-side assert", "illegal memory access"))
+    if any(s in text for s in _STICKY):
+        return "sticky"
+    accelerator_error = getattr(torch, "AcceleratorError", ())  # torch's type for CUDA runtime errors
+    if isinstance(e, accelerator_error) or any(s in text for s in _DEVICE_ERRORS):
+        return "device"
+    return None
 
 
 def _thread_setup(device: torch.device, threads: int) -> None:
@@ -52,10 +91,20 @@ def _thread_setup(device: torch.device, threads: int) -> None:
 
 
 class DeviceWorker:
-    def __init__(self, models: Mapping[str, InferenceEngine], device: torch.device, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        models: Mapping[str, InferenceEngine],
+        device: torch.device,
+        threads: int | None = None,
+        *,
+        probe_failures: int = 3,
+    ) -> None:
         self.models = dict(models)
         self.device = device
-        self.failure: str | None = None  # set after an unrecoverable device error
+        self.failure: str | None = None  # set after an unrecoverable device error: /livez turns 503
+        # this many probes in a row that fail or time out mean a dead or hung device (one may be a hiccup)
+        self.probe_failures = probe_failures
+        self._failed_probes = 0
         # torch's CPU thread count is per calling thread: the model's thread gets `threads`, the
         # probe one (the codec threads set their own; see runtime.py).
         threads = threads or torch.get_num_threads()
@@ -71,7 +120,14 @@ class DeviceWorker:
 
     async def warm_up(self, task: str, shape: tuple[int, int], max_items: int = 1) -> None:
         """Prepare one (h, w) item shape for batches of up to `max_items` (`InferenceEngine.warmup`)."""
-        await asyncio.get_running_loop().run_in_executor(self._pool, self.models[task].warmup, [(max_items, *shape)])
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._warm_up_sync, task, [(max_items, *shape)])
+
+    def _warm_up_sync(self, task: str, shapes: list[tuple[int, int, int]]) -> None:
+        try:
+            self.models[task].warmup(shapes)
+        except Exception as e:
+            self._judge(e)  # a device that fails while warming up fails /livez as one that fails a batch
+            raise
 
     def run_sync(self, task: str, inputs: Sequence[Tensor]) -> list[Tensor | BaseException]:
         """`run` on the calling thread, for benchmarks that time the device's share of a request (upload,
@@ -83,9 +139,7 @@ class DeviceWorker:
             return model.run_items(items)  # uploads and conversions included: they can run out of memory too
         except Exception as e:
             if not is_out_of_memory(e):
-                if _is_device_failure(e):
-                    self.failure = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-                    log.error("device failure: %s", self.failure)
+                self._judge(e)
                 raise
             log.warning("out of memory on a batch of %d x %s; splitting", len(items), tuple(items[0].shape[1:]))
         # Retry outside the `except` block: the exception's traceback holds the failed batch's tensors.
@@ -96,21 +150,61 @@ class DeviceWorker:
         half = len(items) // 2
         return self._split_run(model, items[:half]) + self._split_run(model, items[half:])
 
+    def _fail(self, reason: str) -> None:
+        if not self.failure:
+            self.failure = reason
+            log.error("device failure, restart the process: %s", reason)
+
+    def _judge(self, e: BaseException) -> None:
+        """After a failed batch or warm-up: mark the device failed if the error says it is lost, or if it
+        was a device error and a fresh probe fails too (an unsupported algorithm leaves the device fine)."""
+        kind = device_error_kind(e)
+        what = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        if kind == "sticky":
+            self._fail(what)
+        elif kind == "device":
+            problem = self._probe_now()
+            if problem is None:
+                log.warning("device error, but the device still answers (not marked failed): %s", what)
+            else:
+                self._fail(f"{what}; then {problem}")
+
+    def _probe_now(self, timeout_s: float = 2.0) -> str | None:
+        """`probe` from the device thread (no event loop there)."""
+        try:
+            self._probe_pool.submit(self._probe).result(timeout_s)
+        except TimeoutError:
+            return f"{self.device} did not answer a tiny operation within {timeout_s:g} s"
+        except Exception as e:  # noqa: BLE001 - the probe's failure is the answer
+            return f"{self.device} failed a tiny operation: {type(e).__name__}: {e}"
+        return None
+
     async def probe(self, timeout_s: float = 2.0) -> str | None:
         """None when the device answers a tiny operation within `timeout_s`, else why not.
 
         Runs on its own thread (and CUDA stream), so a long batch on the device thread does not make
-        a busy server look dead.
+        a busy server look dead. `probe_failures` failed or timed-out probes in a row, or one that fails
+        with a sticky error, mark the device failed (a hung probe keeps the probe thread: the ones
+        after it time out too).
         """
         if self.failure:
             return self.failure
         loop = asyncio.get_running_loop()
         try:
             await asyncio.wait_for(loop.run_in_executor(self._probe_pool, self._probe), timeout_s)
-        except TimeoutError:
-            return f"{self.device} did not answer a tiny operation within {timeout_s:g} s"
         except Exception as e:  # noqa: BLE001 - any failure here means "not ready", reported in the body
-            return f"{self.device} failed a tiny operation: {type(e).__name__}: {e}"
+            problem = (
+                f"{self.device} did not answer a tiny operation within {timeout_s:g} s"
+                if isinstance(e, TimeoutError)
+                else f"{self.device} failed a tiny operation: {type(e).__name__}: {e}"
+            )
+            self._failed_probes += 1
+            if device_error_kind(e) == "sticky":
+                self._fail(problem)
+            elif self._failed_probes >= self.probe_failures:
+                self._fail(f"{self._failed_probes} device probes in a row failed; the last: {problem}")
+            return problem
+        self._failed_probes = 0
         return None
 
     def _probe(self) -> None:

@@ -1,5 +1,6 @@
-"""The device worker's hold on its GPU, on the CPU with torch.cuda's calls faked: every thread that
-touches the device sets it first."""
+"""The device worker's hold on its GPU, on the CPU with errors injected and torch.cuda's calls faked:
+every thread that touches the device sets it first; sticky device errors, confirmed device errors and
+dead or hung probes mark the device failed (/livez 503), recoverable ones do not."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import threading
 import pytest
 import torch
 
-from service.worker import DeviceWorker
+from service.app import create_app
+from service.worker import DeviceWorker, device_error_kind, is_out_of_memory
+from tests.service.conftest import FakeModel, fake_models, running, test_settings
+
+pytestmark = pytest.mark.anyio
 
 
 def test_every_thread_that_touches_the_device_sets_it_first(monkeypatch: pytest.MonkeyPatch):
@@ -16,8 +21,150 @@ def test_every_thread_that_touches_the_device_sets_it_first(monkeypatch: pytest.
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: set_on.__setitem__(threading.current_thread().name, d))
     worker = DeviceWorker({}, torch.device("cuda:1"), threads=2)
     try:
-        names = [pool.submit(lambda: threading.current_thread().name).result() for pool in (worker._pool, worker._probe_pool)]
+        pools = (worker._pool, worker._probe_pool)
+        names = [pool.submit(lambda: threading.current_thread().name).result() for pool in pools]
     finally:
         worker.close()
     assert set_on == dict.fromkeys(names, torch.device("cuda:1"))
     assert names[0].startswith("device_") and names[1].startswith("device-probe")
+
+
+# ---------------------------------------------------------------- which errors lose the device
+
+
+@pytest.mark.parametrize(
+    "message, kind",
+    [
+        ("CUDA error: an illegal memory access was encountered", "sticky"),
+        ("CUDA error: device-side assert triggered\nCompile with `TORCH_USE_CUDA_DSA`", "sticky"),
+        ("CUDA error: unspecified launch failure", "sticky"),
+        ("CUDA error: uncorrectable ECC error encountered", "sticky"),
+        ("CUDA error: misaligned address", "sticky"),
+        ("CUDA error: an illegal instruction was encountered", "sticky"),
+        ("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input.",
+         "device"),
+        ("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasGemmStridedBatchedEx(handle, opa, ...)`", "device"),
+        ("CUDA error: invalid configuration argument", "device"),
+        ("CUDA error: out of memory", None),  # an allocation failure: split and retry, as OutOfMemoryError
+        ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", None),
+        ("Expected all tensors to be on the same device, but found at least two devices", None),
+        ("Given groups=1, weight of size [8, 3, 3, 3], expected input to have 3 channels", None),
+    ],
+)
+def test_only_sticky_errors_lose_the_device_outright(message, kind):
+    assert device_error_kind(RuntimeError(message)) == kind
+    assert is_out_of_memory(RuntimeError(message)) == ("out of memory" in message or "ALLOC_FAILED" in message)
+
+
+class Failing(FakeModel):
+    """Raises `error` from every batch and warm-up."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def run_batch(self, x: torch.Tensor) -> torch.Tensor:
+        raise self.error
+
+    def warmup(self, shapes):
+        raise self.error
+
+
+def _worker(model: FakeModel, probe_answers: bool = True) -> DeviceWorker:
+    worker = DeviceWorker({"deblur": model}, torch.device("cpu"))
+    if not probe_answers:
+        worker._probe = lambda: (_ for _ in ()).throw(RuntimeError("CUDA error: unknown error"))
+    return worker
+
+
+@pytest.mark.parametrize(
+    "message, probe_answers, failed",
+    [
+        ("CUDA error: an illegal memory access was encountered", True, True),  # sticky: no need to ask
+        ("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED", True, False),  # the device still answers: a recoverable error
+        ("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED", False, True),  # ... unless a fresh probe fails too
+        ("CUDA error: out of memory", False, False),  # split down to one item, answered as out of memory
+        ("a bug in the model", False, False),  # not the device's: nothing probed, nothing marked
+    ],
+)
+def test_a_failed_batch_marks_the_device_failed_only_when_it_is(message, probe_answers, failed):
+    worker = _worker(Failing(RuntimeError(message)), probe_answers)
+    try:
+        try:
+            worker.run_sync("deblur", [torch.rand(3, 8, 8), torch.rand(3, 8, 8)])
+        except RuntimeError as e:
+            assert str(e) == message  # the batch's own error goes on to the batcher
+        assert (worker.failure is not None) == failed
+        if failed:
+            assert worker.failure.startswith("RuntimeError: " + message.splitlines()[0])
+    finally:
+        worker.close()
+
+
+async def test_device_errors_during_warm_up_fail_liveness():
+    model = Failing(RuntimeError("CUDA error: unspecified launch failure"))
+    app = create_app(test_settings(ui_enabled=False), models=fake_models(("deblur",), model))
+    async with running(app) as client:
+        service = app.state.service
+        await next(t for t in service._tasks if t.get_name() == "warm-up")
+        assert "unspecified launch failure" in service.warm_errors["deblur"]
+        r = await client.get("/livez")
+        assert r.status_code == 503 and "unspecified launch failure" in r.json()["detail"]
+
+
+async def test_warm_up_errors_that_are_not_the_devices_leave_it_alive():
+    app = create_app(test_settings(ui_enabled=False), models=fake_models(("deblur",), Failing(ValueError("bad shape"))))
+    async with running(app) as client:
+        await next(t for t in app.state.service._tasks if t.get_name() == "warm-up")
+        assert (await client.get("/livez")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 503  # not ready: the task is not warm
+
+
+# ---------------------------------------------------------------- probes
+
+
+async def test_consecutive_failed_or_hung_probes_fail_liveness():
+    worker = _worker(FakeModel())
+    worker.probe_failures = 3
+    release = threading.Event()
+    answers = iter(["fail", "fail", "ok", "fail", "hang", "hang"])
+
+    def probe() -> None:
+        answer = next(answers)
+        if answer == "fail":
+            raise RuntimeError("CUDA error: unknown error")
+        if answer == "hang":
+            release.wait(30)
+
+    worker._probe = probe
+    try:
+        results = [await worker.probe(timeout_s=0.2) for _ in range(5)]
+        assert [r is None for r in results] == [False, False, True, False, False]
+        assert worker.failure is None  # a success in between starts the count again
+        problem = await worker.probe(timeout_s=0.2)  # queued behind the hung one: times out as well
+        assert "did not answer" in problem
+        assert worker.failure is not None and worker.failure.startswith("3 device probes in a row failed")
+        assert await worker.probe() == worker.failure  # failed for good
+    finally:
+        release.set()
+        worker.close()
+
+
+async def test_a_probe_that_hits_a_sticky_error_fails_at_once():
+    worker = _worker(FakeModel())
+    worker._probe = lambda: (_ for _ in ()).throw(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    try:
+        await worker.probe()
+        assert "illegal memory access" in worker.failure
+    finally:
+        worker.close()
+
+
+async def test_livez_probes_the_device_itself():
+    model = FakeModel()
+    app = create_app(test_settings(ui_enabled=False), models=fake_models(("deblur",), model))
+    async with running(app) as client:
+        worker = app.state.service.worker
+        worker._probe = lambda: (_ for _ in ()).throw(RuntimeError("CUDA error: unknown error"))
+        codes = [(await client.get("/livez")).status_code for _ in range(worker.probe_failures)]
+        assert codes == [200] * (worker.probe_failures - 1) + [503]
