@@ -18,18 +18,29 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'; a CUDA device always with its index.
+
+    The index is fixed here ('cuda' is the current device, cuda:0 in a fresh process): other threads
+    make it their current device (`torch.cuda.set_device` refuses a device without an index), and
+    "cuda" would mean whatever each thread's current device happens to be.
+    """
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"unsupported device {device!r}: use auto, cpu or cuda[:N]") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {device!r}: use auto, cpu or cuda[:N]")
-    return dev
+    if dev.type == "cpu":
+        return dev
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= count:
+        raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", index)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

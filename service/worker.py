@@ -86,7 +86,7 @@ def _thread_setup(device: torch.device, threads: int) -> None:
     is: streams, graph replays and allocations that use the current device would land on the wrong GPU.
     """
     torch.set_num_threads(threads)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:  # resolve_device gives the index; "cuda" alone: keep
         torch.cuda.set_device(device)
 
 

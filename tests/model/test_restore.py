@@ -343,6 +343,17 @@ def test_device_and_precision_settings():
             resolve_device("cuda")
 
 
+def test_a_cuda_device_is_resolved_with_its_index(monkeypatch):
+    """Threads set the engine's device as current; torch.cuda.set_device refuses one without an index."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda:0")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="2 CUDA device"):
+        resolve_device("cuda:2")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision, tol", [("fp32", 2 / 255), ("bf16", 6 / 255), ("fp16", 3 / 255)])
 def test_cuda_matches_cpu(tiny_checkpoint, photo, precision, tol):

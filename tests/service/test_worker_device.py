@@ -18,7 +18,12 @@ pytestmark = pytest.mark.anyio
 
 def test_every_thread_that_touches_the_device_sets_it_first(monkeypatch: pytest.MonkeyPatch):
     set_on: dict[str, torch.device] = {}
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: set_on.__setitem__(threading.current_thread().name, d))
+
+    def set_device(d) -> None:
+        torch.cuda._utils._get_device_index(d)  # refuses what torch.cuda.set_device refuses ("cuda" without index)
+        set_on[threading.current_thread().name] = d
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
     worker = DeviceWorker({}, torch.device("cuda:1"), threads=2)
     try:
         pools = (worker._pool, worker._probe_pool)
@@ -27,6 +32,14 @@ def test_every_thread_that_touches_the_device_sets_it_first(monkeypatch: pytest.
         worker.close()
     assert set_on == dict.fromkeys(names, torch.device("cuda:1"))
     assert names[0].startswith("device_") and names[1].startswith("device-probe")
+
+    set_on.clear()
+    worker = DeviceWorker({}, torch.device("cuda"))  # no index: the thread keeps its current device, and starts
+    try:
+        assert [pool.submit(lambda: 1).result() for pool in (worker._pool, worker._probe_pool)] == [1, 1]
+    finally:
+        worker.close()
+    assert set_on == {}
 
 
 # ---------------------------------------------------------------- which errors lose the device
