@@ -44,9 +44,13 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' is bf16 on CUDA and fp32 on the CPU; fp16 needs CUDA."""
+    """'auto' is fp32 on the CPU, bf16 on GPUs that compute it natively (compute capability 8.0 on:
+    Ampere, Ada, Hopper, ...) and fp16 on older ones (V100, T4: bf16 there is emulated, or refused); fp16
+    needs CUDA."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
     if precision == "fp16" and device.type != "cuda":

@@ -327,9 +327,17 @@ def test_bf16_on_cpu_is_close_to_fp32(tiny_checkpoint, photo):
     assert np.abs(fp32.astype(int) - bf16.astype(int)).mean() < 4
 
 
+@pytest.mark.parametrize("capability, precision", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_is_bf16_only_where_the_gpu_computes_it(monkeypatch, capability, precision):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
+    assert resolve_precision("auto", torch.device("cuda:1")) == precision  # V100 and T4: fp16; A100, H100: bf16
+    assert asked == [torch.device("cuda:1")]  # that GPU's, not the current one's
+    assert resolve_precision("bf16", torch.device("cuda:1")) == "bf16"  # asked for: kept
+
+
 def test_device_and_precision_settings():
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
-    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
     with pytest.raises(ValueError, match="fp16"):
         resolve_precision("fp16", torch.device("cpu"))
     with pytest.raises(ValueError, match="precision"):
