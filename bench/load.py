@@ -10,6 +10,11 @@ is not the model or waiting for it (upload, decode, padding/tiling, blending, en
 `tritonclient` sends real payloads: UINT8 pixels [H, W, 3] as a binary tensor, the restored pixels asked
 back as binary; `--protocol both` measures each level with both, one after the other.
 
+`--overload F` then runs F times the saturation concurrency (the smallest level of the sweep within
+10 % of its best throughput) for `--duration`, all clients starting at once, each waiting out a 429's
+or 503's Retry-After before its next request, and reports the status mix and the time to each answer
+per status: what an overloaded server tells its clients, and how soon (first protocol only).
+
 `--raw` first measures the model alone, in this process, on exactly the items the service would
 run for the same mix (same planner, same batch size, 8-bit items moved and converted by the service's
 device worker as in the service), so "throughput at saturation / raw model throughput" says what the
@@ -24,6 +29,7 @@ client's cost out of what is reported as the server's overhead; `--client httpx`
         --sizes 256x256 --concurrency 1,2,4,8 --duration 20 --raw     # --weights tiny: a stated small model
     python -m bench.load --url http://127.0.0.1:8000 --task deblur --rate 2 --duration 30
     python -m bench.load --spawn --weights tiny --sizes 256x256 --concurrency 1,8 --protocol both
+    python -m bench.load --spawn --weights tiny --sizes 256x256 --concurrency 1,2,4 --overload 10
 """
 
 from __future__ import annotations
@@ -109,6 +115,7 @@ class Sample:
     status: int
     timing: dict[str, float] = field(default_factory=dict)  # ms, from Server-Timing
     pixels: int = 0
+    retry_after: float = 0.0  # s, from a refusal's Retry-After
 
 
 def parse_server_timing(header: str | None) -> dict[str, float]:
@@ -183,9 +190,10 @@ async def one(client, url: str, call: Call) -> Sample:
     try:
         r = await client.post(url + call.path, content=call.body, headers=call.headers)
         status, timing = r.status_code, parse_server_timing(r.headers.get("server-timing"))
-    except (httpx.HTTPError, OSError, EOFError):
-        status, timing = 0, {}
-    return Sample((time.perf_counter() - start) * 1000, status, timing, call.pixels)
+        retry = float(r.headers.get("retry-after", "0") or 0)
+    except (httpx.HTTPError, OSError, EOFError, ValueError):
+        status, timing, retry = 0, {}, 0.0
+    return Sample((time.perf_counter() - start) * 1000, status, timing, call.pixels, retry)
 
 
 async def closed_loop(
@@ -225,6 +233,46 @@ async def fixed_rate(
             n += 1
         samples = list(await asyncio.gather(*pending))
         return samples, time.perf_counter() - start
+
+
+async def overload(
+    url: str, calls: list[Call], clients: int, duration: float, client_kind: str = "raw"
+) -> tuple[list[Sample], float]:
+    """`clients` closed-loop clients started at once (no warm-up: the first wave is a burst); a client
+    that is refused waits the answer's Retry-After (at most what is left of `duration`) before trying again."""
+    samples: list[Sample] = []
+    async with make_client(client_kind, clients) as client:
+        start = time.perf_counter()
+        counter = iter(range(10**9))
+
+        async def worker() -> None:
+            while (left := duration - (time.perf_counter() - start)) > 0:
+                sample = await one(client, url, calls[next(counter) % len(calls)])
+                samples.append(sample)
+                if sample.status in (429, 503):
+                    await asyncio.sleep(min(sample.retry_after or 1.0, max(0.0, left)))
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return samples, time.perf_counter() - start
+
+
+def status_mix(samples: list[Sample], elapsed: float) -> list[dict[str, float | str]]:
+    """Per status: how many, what share, and the time to the answer (p50, p95, max)."""
+    rows = []
+    for status in sorted({s.status for s in samples}):
+        ms = np.array([s.e2e for s in samples if s.status == status])
+        rows.append({
+            "status": str(status or "failed"), "answers": len(ms), "share %": 100 * len(ms) / len(samples),
+            "per s": len(ms) / elapsed, "p50 ms": float(np.percentile(ms, 50)), "p95 ms": float(np.percentile(ms, 95)),
+            "max ms": float(ms.max()),
+        })
+    return rows
+
+
+def saturation(rows: list[dict], levels: list[int]) -> int:
+    """The smallest concurrency whose throughput is within 10 % of the sweep's best."""
+    best = max(float(r["req/s"]) for r in rows)
+    return next(c for c, r in zip(levels, rows, strict=True) if float(r["req/s"]) >= 0.9 * best)
 
 
 def device_seconds(url: str, task: str) -> float:
@@ -374,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, help="fixed request rate (req/s, open loop) instead of the sweep")
     ap.add_argument("--duration", type=float, default=20, help="seconds per level")
     ap.add_argument("--max-requests", type=int, default=2000, help="cap per level")
+    ap.add_argument("--overload", type=float, metavar="F", help="after the sweep, run F x the saturation concurrency")
     ap.add_argument("--raw", action="store_true", help="measure the model alone first (before the server starts)")
     ap.add_argument("--raw-repeats", type=int, default=5)
     ap.add_argument("--client", choices=["raw", "httpx"], default="raw", help="HTTP client: raw (minimal, about 0.4 ms per request) or httpx (about 2 ms)")
@@ -415,6 +464,11 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{args.rate:g} req/s" if c is None else f"C={c}"
             rows.append(summarize(label if len(protocols) == 1 else f"{label} {protocol}", samples, elapsed, busy))
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        if args.overload and not args.rate:
+            knee = saturation(rows[:: len(protocols)], levels)  # the first protocol's rows, one per level
+            clients = max(1, round(args.overload * knee))
+            samples, elapsed = asyncio.run(overload(url, calls[protocols[0]], clients, args.duration, args.client))
+            mix = status_mix(samples, elapsed)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -422,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; "
           f"task {args.task}; sizes {args.sizes}; client {args.client}; protocol {args.protocol}")
     print(table(rows))
+    if args.overload and not args.rate:
+        print(f"\noverload: {clients} clients ({args.overload:g} x the saturation concurrency {knee}, "
+              f"{protocols[0]}) for {elapsed:.1f} s; a refused client waits its Retry-After")
+        print(table(mix))
     dec, enc = codec_cpu_ms(images)
     print(f"\ncodec CPU per request, one thread, no load from this benchmark: decode+plan {dec:.1f} ms, assemble+PNG encode {enc:.1f} ms")
     if raw is not None:

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from bench.load import Call, RawClient, native_calls, one, v2_calls
+from bench.load import Call, RawClient, Sample, native_calls, one, overload, saturation, status_mix, v2_calls
 
 pytestmark = pytest.mark.anyio
 
@@ -95,3 +95,24 @@ def test_v2_calls_carry_the_same_pixels_as_the_native_ones():
         assert v.path == "/v2/models/deblur/infer" and v.headers["content-type"] == "application/octet-stream"
         call = image_call(parse_request(v.body, v.headers["inference-header-content-length"]), 1)
         assert np.array_equal(call.pixels[0], decode(data)) and call.outputs[0].binary
+
+
+async def test_overload_clients_wait_out_retry_after_and_the_mix_counts_each_status():
+    answers = [b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 0\r\nretry-after: 1\r\n\r\n"]
+    answers += [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"] * 50
+    server, port, seen = await scripted_server(answers)
+    async with server:
+        samples, elapsed = await overload(f"http://127.0.0.1:{port}", [CALL], 1, 0.3)
+    assert samples[0].status == 429 and samples[0].retry_after == 1.0
+    assert len(samples) == 1  # it waited (the rest of the run) instead of asking again at once
+    (row,) = status_mix(samples, elapsed)
+    assert row["status"] == "429" and row["answers"] == 1 and row["share %"] == 100.0
+
+
+def test_status_mix_and_saturation():
+    samples = [Sample(10.0, 200), Sample(30.0, 200), Sample(2.0, 429), Sample(0.0, 0)]
+    rows = {r["status"]: r for r in status_mix(samples, 2.0)}
+    assert rows["200"]["answers"] == 2 and rows["200"]["max ms"] == 30.0 and rows["200"]["per s"] == 1.0
+    assert rows["429"]["share %"] == 25.0 and rows["failed"]["answers"] == 1
+    sweep = [{"req/s": 1.0}, {"req/s": 1.9}, {"req/s": 2.0}, {"req/s": 1.95}]
+    assert saturation(sweep, [1, 2, 4, 8]) == 2  # within 10 % of the best
