@@ -208,10 +208,6 @@ class MicroBatcher:
                 wait += min(total, (batches + 1) * self.batch_pixels) / self._rate[other]
         return wait
 
-    def retry_after_s(self, task: str | None = None) -> float:
-        """How long until the queue ahead of a request of `task` (default: the longest) has run."""
-        return max(self.expected_wait(t) for t in ([task] if task else self.tasks))
-
     def _check(self, task: str, deadline: float, pixels: int, pending: bool) -> None:
         """Raise QueueFull (429) when the queue's static limits or the expected wait refuse a request."""
         depth = self.depth() + (sum(self._pending.values()) if pending else 0)
