@@ -29,7 +29,7 @@ from torch import Tensor
 from model.images import ImageMeta, for_format, from_tensor, to_tensor
 
 from . import structure
-from .errors import ServiceError
+from .errors import BadInput, TooLarge, Unsupported
 from .png import encode_png
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # what Pillow may open
@@ -58,14 +58,6 @@ class Decoded:
     format: str  # what the input was, e.g. "PNG"
 
 
-def bad_input(detail: str) -> ServiceError:
-    return ServiceError(400, "bad_input", detail)
-
-
-def unsupported(detail: str) -> ServiceError:
-    return ServiceError(415, "unsupported", detail)
-
-
 class _OverBudget(Exception):
     pass
 
@@ -92,9 +84,9 @@ def _open(data: bytes, file: io.BytesIO) -> Image.Image:
     except UnidentifiedImageError:
         pass
     except Image.DecompressionBombError:
-        raise ServiceError(413, "too_large", "The image is over the decoder's safety limit on pixels.") from None
+        raise TooLarge("The image is over the decoder's safety limit on pixels.") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise bad_input(f"The image header could not be read ({e}); the file is corrupt or truncated.") from None
+        raise BadInput(f"The image header could not be read ({e}); the file is corrupt or truncated.") from None
     head = data[:16].lstrip()
     kind = next((name for magic, name in _OTHER_MAGIC.items() if head.startswith(magic)), None)
     if kind is None and data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif", b"ftypheim"):
@@ -106,8 +98,8 @@ def _open(data: bytes, file: io.BytesIO) -> Image.Image:
         except Exception:  # noqa: BLE001 - anything unreadable is simply not an image
             kind = None
     if kind:
-        raise unsupported(f"{kind} images are not supported; send PNG, JPEG, WebP, GIF, BMP or TIFF.")
-    raise bad_input("The body is not an image (PNG, JPEG, WebP, GIF, BMP or TIFF).")
+        raise Unsupported(f"{kind} images are not supported; send PNG, JPEG, WebP, GIF, BMP or TIFF.")
+    raise BadInput("The body is not an image (PNG, JPEG, WebP, GIF, BMP or TIFF).")
 
 
 def decode(
@@ -121,20 +113,18 @@ def decode(
     is read.
     """
     if not data:
-        raise bad_input("The request body is empty; send an image.")
+        raise BadInput("The request body is empty; send an image.")
     structure.check(data)
-    over_budget = ServiceError(
-        413, "too_large", f"The image took more than {budget_s:g} s to decode; the file is crafted or corrupt."
-    )
+    over_budget = TooLarge(f"The image took more than {budget_s:g} s to decode; the file is crafted or corrupt.")
     deadline = clock() + budget_s
     try:
         img = _open(data, _BudgetedFile(data, deadline, clock))
         width, height = img.size
         if width * height > max_pixels:
             pixels = f"{width}x{height} = {width * height:,} pixels"
-            raise ServiceError(413, "too_large", f"The image is {pixels}; the limit is {max_pixels:,}.")
+            raise TooLarge(f"The image is {pixels}; the limit is {max_pixels:,}.")
         if width < 1 or height < 1:
-            raise bad_input(f"The image has no pixels ({width}x{height}).")
+            raise BadInput(f"The image has no pixels ({width}x{height}).")
         fmt = img.format or "?"
         img = _load(img)
     except _OverBudget:
@@ -151,7 +141,7 @@ def decode(
     try:
         tensor, meta = to_tensor(img, keep_uint8=True)
     except (TypeError, ValueError) as e:
-        raise unsupported(f"This mode {img.mode} image cannot be restored: {e}.") from None
+        raise Unsupported(f"This mode {img.mode} image cannot be restored: {e}.") from None
     return Decoded(tensor, meta, icc, exif, fmt)
 
 
@@ -163,12 +153,12 @@ def _load(img: Image.Image) -> Image.Image:
         img.load()
     except Image.DecompressionBombError:
         detail = f"The image is {width}x{height} pixels, over the decoder's safety limit."
-        raise ServiceError(413, "too_large", detail) from None
+        raise TooLarge(detail) from None
     except _OverBudget:
         raise
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad data; all are the client's file
         detail = f"The image could not be decoded ({type(e).__name__}: {e}); the file is corrupt or truncated."
-        raise bad_input(detail) from None
+        raise BadInput(detail) from None
     if structure.unwritten(img, marks):
         raise structure.truncated(f"The {img.format} image's data ends before its {width}x{height} pixels do.")
     return img

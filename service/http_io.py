@@ -27,7 +27,17 @@ from starlette.requests import Request
 from starlette.types import Receive
 
 from .codec import OUTPUTS
-from .errors import Disconnected, Draining, ServiceError, retry_after
+from .errors import (
+    BadInput,
+    Disconnected,
+    Draining,
+    NotAcceptable,
+    ServiceError,
+    TooLarge,
+    Unsupported,
+    UploadsBusy,
+    UploadTimeout,
+)
 
 RAW_TYPES = ("image/", "application/octet-stream")
 IDLE_TIMEOUT_S = 15.0  # default of MPRNET_UPLOAD_IDLE_TIMEOUT_S
@@ -39,11 +49,11 @@ _CLOSE = {"Connection": "close"}
 
 
 def too_large(limit: int, size: str) -> ServiceError:
-    return ServiceError(413, "too_large", f"The upload is {size} bytes; the limit is {limit:,} bytes.", _CLOSE)
+    return TooLarge(f"The upload is {size} bytes; the limit is {limit:,} bytes.", _CLOSE)
 
 
 def upload_timeout(why: str) -> ServiceError:
-    return ServiceError(408, "upload_timeout", f"{why}; the upload was not processed. Send the body promptly.", _CLOSE)
+    return UploadTimeout(f"{why}; the upload was not processed. Send the body promptly.", _CLOSE)
 
 
 def upload_cut() -> ServiceError:
@@ -59,11 +69,9 @@ def check_content_type(request: Request) -> str:
         return "multipart"
     if not ctype or ctype.startswith(RAW_TYPES):
         return "raw"
-    raise ServiceError(
-        415,
-        "unsupported",
+    raise Unsupported(
         f"Content-Type {ctype!r} cannot carry an image: send multipart/form-data with a field 'image', "
-        "or the raw bytes as image/png, image/jpeg, ...",
+        "or the raw bytes as image/png, image/jpeg, ..."
     )
 
 
@@ -83,11 +91,9 @@ class UploadBudget:
 
     def take(self, n: int) -> None:
         if self.used + n > self.limit:
-            raise ServiceError(
-                429, "uploads_busy",
+            raise UploadsBusy(
                 f"The server is receiving {self.used:,} bytes of other uploads; with this one's {n:,} more that is "
-                f"over its limit of {self.limit:,} bytes. Retry shortly.",
-                retry_after(1),
+                f"over its limit of {self.limit:,} bytes. Retry shortly."
             )
         self.used += n
 
@@ -220,15 +226,15 @@ async def image_bytes(request: Request, limit: int, held: _Held | None = None, d
         try:
             form = await MultiPartParser(request.headers, chunks, max_files=4, max_fields=16).parse()
         except MultiPartException as e:
-            raise ServiceError(400, "bad_input", f"The multipart body could not be parsed: {e.message}") from None
+            raise BadInput(f"The multipart body could not be parsed: {e.message}") from None
     try:
         field = form.get("image")
         if isinstance(field, UploadFile):
             return await field.read()
         if isinstance(field, str):
-            raise ServiceError(400, "bad_input", "The multipart field 'image' must be a file upload, not a text field.")
+            raise BadInput("The multipart field 'image' must be a file upload, not a text field.")
         names = ", ".join(form.keys()) or "none"
-        raise ServiceError(400, "bad_input", f"The multipart body has no field 'image' (fields: {names}).")
+        raise BadInput(f"The multipart body has no field 'image' (fields: {names}).")
     finally:
         await form.close()
 
@@ -267,7 +273,8 @@ def output_format(fmt: str | None, accept: str | None) -> str:
 
     best = max(OUTPUTS, key=lambda f: (quality(OUTPUTS[f]), -list(OUTPUTS).index(f)))
     if quality(OUTPUTS[best]) <= 0:
-        raise ServiceError(406, "not_acceptable", f"Accept {accept!r} allows none of {', '.join(OUTPUTS.values())}; use ?format=png|jpeg|webp.")
+        allowed = ", ".join(OUTPUTS.values())
+        raise NotAcceptable(f"Accept {accept!r} allows none of {allowed}; use ?format=png|jpeg|webp.")
     return best
 
 

@@ -11,10 +11,11 @@ from collections.abc import Callable
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .errors import REJECT_REASONS, ServiceError
+
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
 RATIOS = (0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 0.9, 1)
-REJECT_REASONS = ("queue_full", "uploads_busy", "deadline", "disconnected", "draining", "not_ready", "too_large", "oom", "bad_input", "unsupported", "unauthorized")
 
 
 class Metrics:
@@ -57,8 +58,10 @@ class Metrics:
         """Bound label cardinality: a task name from a URL is only a label if it is served."""
         return task if task in self.tasks else "unknown"
 
-    def reject(self, task: str, reason: str) -> None:
-        self.rejected.labels(self.task_label(task), reason).inc()
+    def reject(self, task: str, error: ServiceError) -> None:
+        """Count a refusal under its error's reason (errors without one, e.g. a failed model, are not refusals)."""
+        if error.reason is not None:
+            self.rejected.labels(self.task_label(task), error.reason).inc()
 
     def engine_memory_from(self, task: str, report: dict) -> None:
         """Gauges from an engine's memory report {(batch, h, w): MemoryUse}; the CPU measures none."""

@@ -19,6 +19,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .errors import InternalError
 from .metrics import Metrics
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -90,9 +91,10 @@ class RequestContext:
             log.error("unhandled error in %s %s", scope["method"], printable(scope["path"]), exc_info=exc)
             if started:
                 raise
-            body = json.dumps({"detail": f"Internal error; quote request id {rid}.", "code": "internal_error"}).encode()
+            error = InternalError(rid)
+            body = json.dumps(error.body()).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            await send_with_id({"type": "http.response.start", "status": 500, "headers": headers})
+            await send_with_id({"type": "http.response.start", "status": error.status, "headers": headers})
             await send_with_id({"type": "http.response.body", "body": body})
         finally:
             path = scope["path"]

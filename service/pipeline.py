@@ -31,7 +31,7 @@ from model.images import to_tensor, to_uint8
 
 from . import codec
 from .batcher import Job, MicroBatcher
-from .errors import Disconnected, ServiceError
+from .errors import BadInput, Disconnected, TooLarge
 
 Source = Union[bytes, np.ndarray, Callable[[], AbstractAsyncContextManager[bytes]]]
 Gone = Callable[[], Awaitable[Any]]
@@ -65,13 +65,13 @@ def from_pixels(pixels: np.ndarray, max_pixels: int) -> codec.Decoded:
         shape = getattr(pixels, "shape", None)
         dtype = getattr(pixels, "dtype", type(pixels).__name__)
         detail = f"Raw pixels must be a height x width x 3 array of uint8 RGB values, got {dtype} of shape {shape}."
-        raise ServiceError(400, "bad_input", detail)
+        raise BadInput(detail)
     height, width, _ = pixels.shape
     if height < 1 or width < 1:
-        raise ServiceError(400, "bad_input", f"The image has no pixels ({width}x{height}).")
+        raise BadInput(f"The image has no pixels ({width}x{height}).")
     if height * width > max_pixels:
         detail = f"The image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}."
-        raise ServiceError(413, "too_large", detail)
+        raise TooLarge(detail)
     image, meta = to_tensor(pixels, keep_uint8=True)  # (3, H, W) uint8, a copy: the caller's array is not kept
     # as if it came as an RGB PNG, so every output format (JPEG, WebP too) can encode it
     meta = replace(meta, pil_mode="RGB")

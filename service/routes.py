@@ -10,18 +10,15 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from model.variants import PAPER_TASKS
+from model.variants import PAPER_TASKS, TASKS
 
 from . import codec
-from .errors import ServiceError, error_responses
+from .errors import ServiceError, Unauthorized, error_responses
 from .http_io import image_upload, output_format, wait_for_disconnect
 from .runtime import Service
 
 router = APIRouter()
 _bearer = HTTPBearer(auto_error=False, description="Needed only when the server sets MPRNET_API_TOKEN")
-# error code -> reason label of mprnet_rejected_total
-REASONS = {"queue_full": "queue_full", "deadline": "deadline", "disconnected": "disconnected", "draining": "draining", "not_ready": "not_ready",
-            "too_large": "too_large", "uploads_busy": "uploads_busy", "out_of_memory": "oom", "bad_input": "bad_input", "unsupported": "unsupported", "not_acceptable": "unsupported"}
 
 
 def get_service(request: Request) -> Service:
@@ -37,8 +34,9 @@ def require_token(request: Request, service: ServiceDep, creds: Annotated[HTTPAu
         return
     if creds is None or not secrets.compare_digest(creds.credentials.encode(), token.get_secret_value().encode()):
         task = request.path_params.get("task", "unknown")
-        service.metrics.reject(task, "unauthorized")
-        raise ServiceError(401, "unauthorized", "A valid 'Authorization: Bearer <token>' header is required.", {"WWW-Authenticate": "Bearer"})
+        error = Unauthorized()
+        service.metrics.reject(task, error)
+        raise error
 
 
 Authorized = [Depends(require_token)]
@@ -65,15 +63,18 @@ _RESTORED = {
     },
     **error_responses(400, 401, 404, 406, 413, 415, 422, 429, 500, 503, 504),
 }
-TASK_DOC = ", ".join(f"`{t}` ({p})" for t, p in PAPER_TASKS.items())
+TASK_DOC = ", ".join(f"`{t}` ({PAPER_TASKS[t]})" for t in TASKS)
+# Path and query values as enums in the OpenAPI schema, from the one list of each
+TaskName = Literal[TASKS]  # type: ignore[valid-type]
+OutputFormat = Literal[tuple(codec.OUTPUTS)]  # type: ignore[valid-type]
 
 
 @router.post("/restore/{task}", dependencies=Authorized, response_class=Response, responses=_RESTORED, openapi_extra=_RESTORE_BODY, summary="Restore an image")
 async def restore(
-    task: Annotated[Literal["deblur", "derain", "denoise"], Path(description=f"What to restore: {TASK_DOC}")],
+    task: Annotated[TaskName, Path(description=f"What to restore: {TASK_DOC}")],
     request: Request,
     service: ServiceDep,
-    format: Annotated[Literal["png", "jpeg", "webp"] | None, Query(description="Output format; default from Accept, else PNG")] = None,
+    format: Annotated[OutputFormat | None, Query(description="Output format; default from Accept, else PNG")] = None,
     quality: Annotated[int | None, Query(ge=1, le=100, description="JPEG/WebP quality (default 90)")] = None,
     timeout: Annotated[float | None, Header(alias="X-Request-Timeout", gt=0, le=86400, description="Seconds before compute must start; can only shorten the server's default")] = None,
 ) -> Response:
@@ -93,8 +94,7 @@ async def restore(
             gone=lambda: wait_for_disconnect(request.receive),
         )
     except ServiceError as e:
-        if e.code in REASONS:
-            service.metrics.reject(task, REASONS[e.code])
+        service.metrics.reject(task, e)  # counted under the error's reason, if it has one
         raise
     return Response(body, media_type=codec.OUTPUTS[fmt], headers={"Server-Timing": timings.server_timing()})
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import codec, pipeline
 from .batcher import MicroBatcher, Ticket
-from .errors import DeadlineExceeded, Draining, ServiceError
+from .errors import DeadlineExceeded, Draining, NotReady, UnknownTask
 from .http_io import UploadBudget
 from .loading import TaskModel
 from .metrics import Metrics
@@ -183,7 +183,7 @@ class Service:
     def check_ready(self, task: str) -> None:
         if not self.warm[task]:
             detail = self.warm_errors.get(task, "is still warming up")
-            raise ServiceError(503, "not_ready", f"The {task} model {detail}; retry shortly.", {"Retry-After": "5"})
+            raise NotReady(f"The {task} model {detail}; retry shortly.")
 
     # ---- the restore pipeline ---------------------------------------------------------------
 
@@ -199,7 +199,8 @@ class Service:
         """Restore one image (see `pipeline.Source`) and encode it as `fmt` (png, jpeg or webp) in the input's mode.
 
         Raises ServiceError for every answer but success (404 unknown task, 503/429 not admitted, 4xx bad
-        image, 504 deadline, 499 client gone, 500/503 model failure).
+        image, 504 deadline, 499 client gone, 500/503 model failure); a front-end counts the refusals among them
+        with `metrics.reject(task, error)`.
         """
         png_effort = self.settings.png_effort
 
@@ -234,7 +235,7 @@ class Service:
         Raises as `restore`."""
         if task not in self.models:
             served = ", ".join(self.tasks)
-            raise ServiceError(404, "unknown_task", f"Unknown task {task!r}; this server restores: {served}.")
+            raise UnknownTask(f"Unknown task {task!r}; this server restores: {served}.")
         timings = pipeline.Timings()
         with self.admitted(task, deadline) as ticket:  # before the upload is read; a drain waits for all inside
             # an upload's bytes count against MPRNET_MAX_INFLIGHT_UPLOAD_BYTES until it is decoded and queued

@@ -23,7 +23,7 @@ import struct
 
 from PIL import Image
 
-from .errors import ServiceError
+from .errors import BadInput, ServiceError, TooLarge
 
 PNG_MAX_CHUNKS = 16_384  # libpng writes 8 KB IDAT chunks: a 50 MB PNG has about 6,400
 JPEG_MAX_SEGMENTS = 4_096  # marker segments with a length (APPn, DQT, DHT, SOS ...): photos have 10-300
@@ -41,11 +41,11 @@ _STRIP_TAGS = {273: "strips", 279: "strips", 324: "tiles", 325: "tiles"}  # offs
 
 
 def too_complex(detail: str) -> ServiceError:
-    return ServiceError(413, "too_large", detail + " Re-save it with an ordinary encoder.")
+    return TooLarge(detail + " Re-save it with an ordinary encoder.")
 
 
 def truncated(detail: str) -> ServiceError:
-    return ServiceError(400, "bad_input", detail + " The file is truncated or corrupt.")
+    return BadInput(detail + " The file is truncated or corrupt.")
 
 
 def check(data: bytes) -> None:

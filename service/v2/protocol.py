@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ServiceError
+from ..errors import BadInput, ServiceError
 
 HEADER = "Inference-Header-Content-Length"
 DATATYPES = ("UINT8", "BYTES")  # the ones this server reads and writes
@@ -33,7 +33,7 @@ _LENGTH = struct.Struct("<I")
 
 
 def bad_request(detail: str) -> ServiceError:
-    return ServiceError(400, "bad_input", detail)
+    return BadInput(detail)
 
 
 @dataclass

@@ -23,9 +23,9 @@ from fastapi.routing import APIRoute
 from torch import Tensor
 
 from .. import codec, pipeline
-from ..errors import ServiceError
+from ..errors import ServiceError, UnknownTask
 from ..http_io import raw_upload, wait_for_disconnect
-from ..routes import REASONS, Authorized, ServiceDep
+from ..routes import Authorized, ServiceDep
 from ..runtime import Service
 from . import images
 from .protocol import HEADER, parse_request, serialize_response
@@ -90,7 +90,7 @@ ModelName = Annotated[str, Path(description="The model: a task this server resto
 
 def _model(service: Service, task: str) -> None:
     if task not in service.models:
-        raise ServiceError(404, "unknown_task", f"Unknown model {task!r}; this server has: {', '.join(service.tasks)}.")
+        raise UnknownTask(f"Unknown model {task!r}; this server has: {', '.join(service.tasks)}.")
 
 
 # ---- health and metadata -------------------------------------------------------------------------
@@ -261,8 +261,7 @@ async def infer(
     try:
         return await _infer(task, request, service, timeout)
     except ServiceError as e:
-        if e.code in REASONS:
-            service.metrics.reject(task, REASONS[e.code])
+        service.metrics.reject(task, e)
         raise
 
 

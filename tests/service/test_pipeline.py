@@ -152,3 +152,4 @@ async def test_restore_with_hands_the_restored_image_and_the_input_metadata_to_f
 
         (shape, channels, fmt), _ = await service.restore_with("deblur", png(grey), both, **call(service))
         assert (tuple(shape), channels, fmt) == ((3, 12, 10), 1, "PNG")
+
