@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from model.images import ImageMeta, for_format, from_tensor, to_tensor
@@ -130,7 +130,8 @@ def decode(
     except _OverBudget:
         raise over_budget from None
     with contextlib.suppress(*_BAD_METADATA):  # an unreadable EXIF block costs the orientation, not the request
-        img = ImageOps.exif_transpose(img)  # upright pixels; the orientation tag is dropped
+        if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # (exif_transpose copies even upright images)
+            img = ImageOps.exif_transpose(img)  # upright pixels; the orientation tag is dropped
     if clock() > deadline:
         raise over_budget
     icc = img.info.get("icc_profile") or None

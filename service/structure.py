@@ -11,13 +11,14 @@ of a JPEG whose scans end early with grey and reports that only as a warning Pil
 
 Around the decode, `mark_last_rows` and `unwritten` catch the other way truncated data passes: a PNG
 (or GIF, BMP, TIFF) whose compressed stream ends before the pixels do is decoded without an error into
-an image whose missing rows stay as allocated. The rows a decoder writes last (the last row top-down,
-the first row bottom-up, the last odd row for interlaced images) are filled with a pattern first;
-if the pattern is still there after decoding, the data ran out.
+an image whose missing rows stay as allocated. The ends of the rows a decoder writes last (the last
+row top-down, the first row bottom-up, the last odd row for interlaced images) are filled with a
+pattern first; if the pattern is still there after decoding, the data ran out.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 
@@ -146,14 +147,14 @@ def _tiff(data: bytes) -> None:
         pos += entry
 
 
-Marks = list[tuple[tuple[int, int, int, int], bytes]]
+Marks = list[tuple[int, int, tuple]]  # (x, y, the pixel values marked there from x on)
 
 
 def mark_last_rows(img: Image.ImageFile.ImageFile) -> Marks:
-    """Before `img.load()`: allocate its pixels with a pattern at the start and end of the rows decoders
-    write last; returns what `unwritten` needs. Marks nothing where that proves nothing: JPEG (libjpeg
-    fills missing rows itself, see `check`), WebP (decoded whole or not at all), a GIF whose first frame
-    does not cover the canvas (the rest is background), a TIFF rotated while loading."""
+    """Before `img.load()`: allocate its pixels with a pattern at the end of the rows decoders write last;
+    returns what `unwritten` needs. Marks nothing where that proves nothing: JPEG (libjpeg fills missing
+    rows itself, see `check`), WebP (decoded whole or not at all), a GIF whose first frame does not cover
+    the canvas (the rest is background), a TIFF rotated while loading, a mode without a raw pattern."""
     w, h = img.size
     if img.format not in ("PNG", "GIF", "BMP", "TIFF") or not img.tile:
         return []
@@ -161,25 +162,34 @@ def mark_last_rows(img: Image.ImageFile.ImageFile) -> Marks:
         return []
     if img.format == "GIF" and tuple(img.tile[0][1]) != (0, 0, w, h):
         return []
-    seg = min(w, 128 if img.mode == "1" else 16)
-    try:
-        blank = Image.new(img.mode, (seg, 1))
-        nbytes = len(blank.tobytes())
-        if nbytes < 8:  # under 64 bits a real row could match the pattern by chance
-            return []
-        mark = Image.frombytes(img.mode, (seg, 1), bytes((i * 151 + 83) & 255 for i in range(nbytes)))
-    except (ValueError, OSError):  # a mode Pillow cannot build from raw bytes: no marks
+    mark = _mark(img.mode, min(w, 128 if img.mode == "1" else 16))
+    if mark is None:
         return []
-    pattern = mark.tobytes()
     last_odd = h - 1 if h % 2 == 0 else h - 2  # Adam7 and GIF interlacing write odd rows in their last pass
-    rows = {0, h - 1} | ({last_odd} if last_odd > 0 else set())
-    boxes = [(x, y, x + seg, y + 1) for y in sorted(rows) for x in sorted({0, w - seg})]
+    rows = sorted({0, h - 1} | ({last_odd} if last_odd > 0 else set()))  # bottom-up BMP writes row 0 last
+    x = w - mark[0].size[0]
     img.im = Image.core.new(img.mode, img.size)
-    for box in boxes:
-        img.im.paste(mark.im, box)
-    return [(box, pattern) for box in boxes]
+    for y in rows:
+        img.im.paste(mark[0].im, (x, y, w, y + 1))
+    return [(x, y, mark[1]) for y in rows]
+
+
+@functools.lru_cache(maxsize=64)
+def _mark(mode: str, width: int) -> tuple[Image.Image, tuple] | None:
+    """A 1-row image of `width` pixels of a fixed pseudo-random pattern in `mode`, and its pixel values;
+    None where the pattern holds under 64 bits (a real row could match it by chance) or the mode has no
+    raw form."""
+    try:
+        nbytes = len(Image.new(mode, (width, 1)).tobytes())
+        if nbytes < 8:
+            return None
+        mark = Image.frombytes(mode, (width, 1), bytes((i * 151 + 83) & 255 for i in range(nbytes)))
+    except (ValueError, OSError):
+        return None
+    return mark, tuple(mark.im.getpixel((i, 0)) for i in range(width))
 
 
 def unwritten(img: Image.Image, marks: Marks) -> bool:
     """After `img.load()`: did the decoder leave any marked row as it was (the data ran out)?"""
-    return any(img.crop(box).tobytes() == pattern for box, pattern in marks)
+    pixel = img.im.getpixel
+    return any(all(pixel((x + i, y)) == v for i, v in enumerate(values)) for x, y, values in marks)
