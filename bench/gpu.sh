@@ -43,22 +43,18 @@ log() { echo "[gpu.sh +$(($(date +%s) - START))s] $*" | tee -a "$OUT/gpu.log"; }
 : > "$OUT/gpu.log"
 
 # ---- 1. set-up (at most 150 s) ----------------------------------------------------------------
-# .whl/ (bench/gpu-wheels.sh) holds what the image lacks or may hold too old; pip installs from it,
-# and from nothing else, only what the image's own packages do not satisfy, keeping the image's torch.
-if [ $SMOKE = 0 ] && [ -f .whl/requirements.txt ]; then
-  log "installing from .whl/ ($(ls .whl/*.whl | wc -l) wheels) what $PY's environment lacks"
-  "$PY" -c 'import torch; print("torch==" + torch.__version__)' > /tmp/mprnet-keep-torch.txt 2>>"$OUT/gpu.log"
-  timeout "$(limit 120)" "$PY" -m pip install -q --no-index --find-links .whl --no-cache-dir --disable-pip-version-check \
-    -c /tmp/mprnet-keep-torch.txt -r .whl/requirements.txt >>"$OUT/gpu.log" 2>&1 || log "wheel install failed (see above)"
+# bench/gpu-setup.sh: pip installs from .whl/ (bench/gpu-wheels.sh), and from nothing else, only what
+# the image's own packages do not satisfy, keeping the image's torch; then every module the stages
+# use is imported (finding them is not enough: an import can still fail). In smoke mode: the import only.
+INCOMPLETE="set-up incomplete: see above (the stages that need what is missing will fail)"
+if [ $SMOKE = 1 ]; then
+  PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} timeout "$(limit 90)" "$PY" -m bench.importcheck 2>&1 | tee -a "$OUT/gpu.log" \
+    || log "$INCOMPLETE"
+else
+  timeout "$(limit 150)" bash bench/gpu-setup.sh "$PY" 2>&1 | tee -a "$OUT/gpu.log" || log "$INCOMPLETE"
 fi
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
-timeout "$(limit 60)" "$PY" -c 'import torch; print("torch", torch.__version__, "| CUDA", torch.version.cuda, "|",
-  torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")' 2>&1 | tee -a "$OUT/gpu.log"
-# import every module the stages use (finding them is not enough: an import can still fail)
-if ! timeout "$(limit 90)" "$PY" -m bench.importcheck 2>&1 | tee -a "$OUT/gpu.log"; then
-  log "set-up incomplete: modules above do not import (the stages that need them will fail)"
-fi
 if [ $SMOKE = 0 ] && ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
   log "no CUDA device for $PY: this run needs a GPU (bash bench/gpu.sh --smoke runs the stages on the CPU)"
   exit 2

@@ -5,6 +5,7 @@ image already holds (bench/gpu-machine.txt). Run it here, where pip reaches the 
 
     .venv/bin/python -m bench.gpu_wheels           # -> .whl/: the wheels, requirements.txt, fetched.txt
     .venv/bin/python -m bench.gpu_wheels --list    # what it would fetch, and why; nothing downloaded
+    .venv/bin/python -m bench.gpu_wheels --image-part  # what the closure takes from the image instead
 
 The closure is resolved with the image's known versions (torch 2.11, numpy, ...) and, for everything
 else, this checkout's .venv versions (the ones the tests ran with). A package the image holds is
@@ -182,11 +183,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dest", type=Path, default=ROOT / ".whl")
     ap.add_argument("--list", action="store_true", help="print what would be fetched and why; download nothing")
+    ap.add_argument(
+        "--image-part",
+        action="store_true",
+        help="print, as name==version, the closure's packages taken from the image instead (bench/check-gpu-setup.sh)",
+    )
     args = ap.parse_args(argv)
     machine = machine_packages()
     top = run_requirements()
     closure = resolve(top, constraints(machine, venv_versions()))
     fetch = to_fetch(closure, top, machine)
+    if args.image_part:
+        print("\n".join(f"{p.name}=={p.version}" for p in closure if p.name not in fetch))
+        return 0
     listing = [f"{name}=={version}  # {why}" for name, (version, why) in fetch.items()]
     print("\n".join(listing))
     print(f"gpu_wheels: {len(closure)} packages in the closure, {len(fetch)} to send", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -33,7 +34,8 @@ LOAD_OUTPUT = """machine: x86_64, 16 CPUs; load average 3.0; task deblur; sizes 
 
 def test_the_shell_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu.sh")], check=True)
-    subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu-wheels.sh")], check=True)
+    for script in ("gpu-wheels.sh", "gpu-setup.sh", "check-gpu-setup.sh"):
+        subprocess.run(["bash", "-n", str(ROOT / "bench" / script)], check=True)
 
 
 def test_engine_driver_smoke_run_writes_json_and_markdown(tmp_path):
@@ -242,3 +244,24 @@ def test_wheel_closure_resolves_and_names_what_the_gpu_machine_lacked():
     lacked = {"opentelemetry-api", "isal", "httptools", "websockets", "watchfiles", "typing-extensions", "fastapi"}
     assert lacked <= sent, lacked - sent
     assert not sent & {"torch", "numpy", "nvidia-cudnn-cu13", "triton"}
+
+
+@pytest.mark.slow
+def test_set_up_installs_only_what_is_missing_and_imports_everything(tmp_path):
+    """bench/gpu-setup.sh with this venv as the machine's Python: what it already satisfies needs no
+    wheel (and no index); a requirement that nothing satisfies is reported; the import check runs."""
+    setup = [str(ROOT / "bench" / "gpu-setup.sh"), sys.executable]
+    satisfied = tmp_path / "satisfied"
+    satisfied.mkdir()
+    (satisfied / "requirements.txt").write_text("fastapi>=0.115\nnumpy>=1.26\n")
+    env = {**os.environ, "WHEELS": str(satisfied)}
+    proc = subprocess.run(["bash", *setup], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "install failed" not in proc.stdout, proc.stdout + proc.stderr
+    assert re.search(r"import check: (\d+) of \1 modules import", proc.stdout), proc.stdout
+
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    (missing / "requirements.txt").write_text("mprnet-no-such-package==1.0\n")
+    env = {**os.environ, "WHEELS": str(missing)}
+    proc = subprocess.run(["bash", *setup], env=env, capture_output=True, text=True, timeout=300)
+    assert "gpu-setup: the wheel install failed" in proc.stdout, proc.stdout + proc.stderr
