@@ -8,9 +8,12 @@ cd "$(dirname "$0")/.."
 PY=${1:?usage: bench/gpu-setup.sh PYTHON}
 WHEELS=${WHEELS:-.whl}
 if [ -f "$WHEELS/requirements.txt" ]; then
-  echo "gpu-setup: installing from $WHEELS ($(ls "$WHEELS"/*.whl 2>/dev/null | wc -l) wheels) what $PY's environment lacks"
+  count=$(find "$WHEELS" -maxdepth 1 -name '*.whl' | wc -l)
+  echo "gpu-setup: installing from $WHEELS ($count wheels) what $PY's environment lacks"
   keep=$(mktemp)
-  "$PY" -c 'import torch; print("torch==" + torch.__version__)' >"$keep" || echo "gpu-setup: $PY has no torch"
+  # the installed torch by its metadata: importing it can need what is still to be installed
+  "$PY" -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' >"$keep" \
+    || echo "gpu-setup: $PY has no torch"
   "$PY" -m pip install -q --no-index --find-links "$WHEELS" --no-cache-dir --disable-pip-version-check \
     -c "$keep" -r "$WHEELS/requirements.txt" || echo "gpu-setup: the wheel install failed (above)"
   rm -f "$keep"
