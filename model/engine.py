@@ -155,8 +155,11 @@ class Engine(Restorer):
             )
         self._runners: dict[Shape, _Runner] = {}
         self._memory: dict[Shape, MemoryUse] = {}
-        self._graph_pool = torch.cuda.graph_pool_handle() if graphs else None
-        self._lock = threading.RLock()  # one pass at a time: runners share static buffers
+        # One pass at a time (runners share static buffers); on CUDA, one at a time for every engine
+        # on the GPU, and so one graph memory pool for all of them (see `_DeviceShare`).
+        share = _device_share(self.device) if cuda else _DeviceShare()
+        self._lock = share.lock
+        self._graph_pool = share.graph_pool() if graphs else None
         self.transfer = Uint8Transfer(self.device, self._core, self._lock)
 
     # ---- the pass --------------------------------------------------------------------------------
@@ -279,8 +282,8 @@ class Engine(Restorer):
                     runner.fn(runner.input)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            # One memory pool for all shapes: passes never overlap (one device thread, `_lock`), so a
-            # shape's intermediates may reuse another's; every graph's output buffer stays referenced.
+            # One memory pool for all shapes of all engines on the GPU: passes never overlap (`_lock`),
+            # so a pass's intermediates may reuse another's; every graph's output buffer stays referenced.
             # thread_local: the service's readiness probe touches the device from another thread meanwhile
             with torch.cuda.graph(graph, pool=self._graph_pool, stream=side, capture_error_mode="thread_local"):
                 runner.output = runner.fn(runner.input)
@@ -362,6 +365,31 @@ class Engine(Restorer):
                 for (b, h, w), m in self.memory_report().items()
             ],
         }
+
+
+class _DeviceShare:
+    """What the engines on one GPU share: the lock that lets one pass run at a time, and the CUDA graph
+    memory pool. Passes never overlap, so every engine's graphs can draw their intermediates from one
+    pool: the GPU holds the largest pass's working memory once, not once per task."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self._pool = None
+
+    def graph_pool(self):
+        with self.lock:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            return self._pool
+
+
+_shares: dict[torch.device, _DeviceShare] = {}
+_shares_lock = threading.Lock()
+
+
+def _device_share(device: torch.device) -> _DeviceShare:
+    with _shares_lock:
+        return _shares.setdefault(device, _DeviceShare())
 
 
 def _raise_recompile_limit(limit: int) -> None:

@@ -227,12 +227,13 @@ def test_uint8_path_refuses_other_dtypes():
 
 
 class ConvNet(nn.Module):
-    """A 3x3 convolution plus a skip: memory format matters to it, and dynamo traces it in a blink."""
+    """Two 3x3 convolutions plus a skip: memory format matters to it, and dynamo traces it in a blink.
+    (Nets of other widths, like the tasks' models, are other versions of the engine's compiled frame.)"""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 3) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.conv = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.Conv2d(width, 3, 3, padding=1))
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return [self.conv(x) + x]
@@ -263,6 +264,19 @@ def test_warm_up_leaves_no_recompile_for_real_batches(dynamo_frames, channels_la
         engine.run_batch(torch.rand(n, 3, 8, 16).contiguous(memory_format=torch.channels_last))
         engine.run_uint8(_pixels(n, 16, 16, 3))
     assert dynamo_frames() == warm
+
+
+def test_engines_on_one_gpu_share_a_lock_and_one_graph_pool(monkeypatch):
+    from model.engine import _device_share
+
+    handles = iter(range(100))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool", next(handles)))
+    a, b, other = (_device_share(torch.device(d)) for d in ("cuda:0", "cuda:0", "cuda:7"))
+    assert a is b and a.lock is b.lock and other.lock is not a.lock
+    assert a.graph_pool() == b.graph_pool() == a.graph_pool() != other.graph_pool()
+    # the engine takes both from there on CUDA; on the CPU each engine has its own lock
+    x, y = (Engine(Invert(), device="cpu", precision="fp32") for _ in range(2))
+    assert x._lock is not y._lock and x._graph_pool is None
 
 
 # ---------------------------------------------------------------- inductor, for real
