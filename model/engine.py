@@ -149,7 +149,6 @@ class Engine(Restorer):
             configure_compile_cache(settings.cache_dir)
         self._fn: Callable[[Tensor], Tensor] = self._forward
         if mode != "off":
-            _raise_recompile_limit(64)
             self._fn = torch.compile(
                 self._forward, mode=None if mode == "default" else mode, dynamic=False, backend=settings.backend
             )
@@ -260,6 +259,8 @@ class Engine(Restorer):
         before_call = torch.compiler.cudagraph_mark_step_begin if self.compile_mode == "reduce-overhead" else (lambda: None)
         if self.compile_mode != "off" and self.settings.dynamic_hw:
             torch._dynamo.maybe_mark_dynamic(static_in, [2, 3])
+        if self.compile_mode != "off":
+            _reserve_recompile()
         runner = _Runner(shape, self._fn, static_in, before_call=before_call)
         if self.cuda_graphs:
             self._capture(runner)
@@ -392,12 +393,28 @@ def _device_share(device: torch.device) -> _DeviceShare:
         return _shares.setdefault(device, _DeviceShare())
 
 
+# Static shapes compiled so far in this process, all engines together. Each is a recompile of the same
+# code (`Engine._forward`, and the model's frames after a graph break): dynamo keeps at most
+# `recompile_limit` versions of a frame and runs anything past it eagerly, with only a warning.
+_compiled_shapes = 0
+_compiled_lock = threading.Lock()
+_SPARE_RECOMPILES = 8  # dynamo's default limit, kept free above the shapes for other guard failures
+
+
+def _reserve_recompile() -> None:
+    """Count one more static shape to compile and size dynamo's limits for all of them (shapes x tasks)."""
+    global _compiled_shapes
+    with _compiled_lock:
+        _compiled_shapes += 1
+        _raise_recompile_limit(_compiled_shapes + _SPARE_RECOMPILES)
+
+
 def _raise_recompile_limit(limit: int) -> None:
-    """Each static shape is a recompile of the same code; dynamo's default limit (8) is too low."""
+    """At least `limit` versions of one frame (per object it guards on by id, and in all)."""
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     if getattr(cfg, name) < limit:
         setattr(cfg, name, limit)
     acc = "accumulated_recompile_limit" if hasattr(cfg, "accumulated_recompile_limit") else "accumulated_cache_size_limit"
-    if hasattr(cfg, acc) and getattr(cfg, acc) < limit * 4:
-        setattr(cfg, acc, limit * 4)
+    if hasattr(cfg, acc) and getattr(cfg, acc) < limit:
+        setattr(cfg, acc, limit)
