@@ -109,7 +109,10 @@ async def tasks(service: ServiceDep) -> dict[str, Any]:
 async def livez(service: ServiceDep) -> JSONResponse:
     """200 while the process runs (also while warming up or draining); 503 once the device is lost: a sticky
     CUDA error, a device error a fresh probe confirmed, or several device probes in a row that failed or
-    timed out (each call probes; a dead or hung GPU needs a new process)."""
+    timed out (each call probes; a dead or hung GPU needs a new process); also once the batcher has stopped
+    (a bug: no request of this process could be computed again)."""
+    if service.consumer_failure:
+        return JSONResponse({"status": "batcher_failed", "detail": "the batcher stopped; see the log"}, status_code=503)
     await service.worker.probe()
     if service.worker.failure:
         return JSONResponse({"status": "device_failed", "detail": service.worker.failure}, status_code=503)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import codec, pipeline
 from .batcher import MicroBatcher, Ticket
-from .errors import DeadlineExceeded, Draining, NotReady, UnknownTask
+from .errors import DeadlineExceeded, Draining, InferenceFailed, NotReady, ServiceError, UnknownTask
 from .http_io import UploadBudget
 from .loading import TaskModel
 from .metrics import Metrics
@@ -68,11 +68,32 @@ class Service:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: list[asyncio.Task] = []
+        self.consumer_failure: ServiceError | None = None  # the batcher's consumer died: every request answers this
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self.batcher.run_forever(), name="batcher"), asyncio.create_task(self.warm_up(), name="warm-up")]
+        consumer = asyncio.create_task(self.batcher.run_forever(), name="batcher")
+        consumer.add_done_callback(self._consumer_ended)
+        self._tasks = [consumer, asyncio.create_task(self.warm_up(), name="warm-up")]
+
+    def _consumer_ended(self, consumer: asyncio.Task) -> None:
+        """The batcher's consumer ends only when `stop` cancels it; anything else is a bug that leaves no request
+        of this process computable. Say so at once, answer every queued request 500 and turn readiness off."""
+        if consumer.cancelled():
+            return
+        error = consumer.exception()
+        why = f"{type(error).__name__}: {error}" if error is not None else "it returned"
+        log.critical("the batcher's consumer stopped (%s): failing its requests; restart the process", why,
+                     exc_info=error)
+        self.consumer_failure = InferenceFailed(
+            "The server's batcher stopped; the error was logged. Retry on another instance."
+        )
+        for task in self.tasks:
+            self.warm[task] = False
+            self.warm_errors[task] = "cannot run: the batcher stopped (see the log)"
+            self.metrics.model_ready.labels(task).set(0)
+        self.batcher.fail_all(self.consumer_failure)
 
     def warmup_shapes(self) -> list[tuple[int, int]]:
         """The shapes warm-up runs: every static shape the batcher can produce, or only the smallest."""
@@ -120,14 +141,18 @@ class Service:
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        self.batcher.fail_all(Draining())
-        for task in self.tasks:
-            self.metrics.model_ready.labels(task).set(0)
-        self.worker.close()
-        self.codec_pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            outcomes = await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            self.batcher.fail_all(Draining())
+            for task in self.tasks:
+                self.metrics.model_ready.labels(task).set(0)
+            self.worker.close()
+            self.codec_pool.shutdown(wait=False, cancel_futures=True)
+        for t, outcome in zip(self._tasks, outcomes, strict=True):
+            # cancelled is how they should end; the consumer's own failure was reported when it happened
+            if isinstance(outcome, Exception) and not (t.get_name() == "batcher" and self.consumer_failure):
+                log.error("background task %s had failed", t.get_name(), exc_info=outcome)
 
     # ---- readiness and drain ------------------------------------------------------------------
 
@@ -249,6 +274,8 @@ class Service:
                         raise DeadlineExceeded(t1 - arrived)
                     # submitted inside `arriving`, no await between: an open batch never misses this request
                     job = self.batcher.submit(ticket, plan, decoded.image, request_id)
+                    if self.consumer_failure is not None:  # admitted before the consumer died: nobody would run it
+                        self.batcher.cancel(job, self.consumer_failure)
             outputs = await pipeline.outputs(job, self.batcher, gone)
             t2 = time.monotonic()
             result = await self.in_codec_pool(_assemble_and, finish, job.plan, outputs, decoded)

@@ -275,3 +275,40 @@ async def test_an_unexpected_error_is_a_logged_json_500_with_the_request_id():
         assert r.headers["x-request-id"] == "req-7" and "a bug" not in r.text
         assert metric_value((await client.get("/metrics")).text, "mprnet_requests_total", task="deblur", status="500") == 1
         assert (await client.get("/livez")).status_code == 200
+
+
+async def test_a_batcher_that_dies_is_logged_at_once_fails_its_requests_and_turns_readiness_off(caplog):
+    async with fake_app() as (client, _, app):
+        service = app.state.service
+
+        def broken(task):
+            raise RuntimeError("a bug in the batcher")
+
+        service.batcher._take = broken  # the consumer's next batch kills it
+        with caplog.at_level("CRITICAL", logger="service"):
+            # without the done-callback this waited for its deadline (504), and readiness stayed green
+            r = await client.post("/restore/deblur", content=png(IMG), headers={**RAW, "X-Request-Timeout": "20"})
+        assert r.status_code == 500 and r.json()["code"] == "inference_failed"
+        assert any("batcher's consumer stopped" in rec.getMessage() and rec.exc_info for rec in caplog.records)
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and "batcher stopped" in ready.json()["tasks"]["deblur"]["detail"]
+        assert (await client.get("/livez")).status_code == 503
+        r = await client.post("/restore/denoise", content=png(IMG), headers=RAW)
+        assert r.status_code == 503 and r.json()["code"] == "not_ready"
+        assert metric_value((await client.get("/metrics")).text, "mprnet_model_ready", task="deblur") == 0
+
+
+async def test_stop_logs_a_background_task_that_had_failed(caplog):
+    app = create_app(test_settings(ui_enabled=False), models=fake_models())
+    service = app.state.service
+
+    def broken(pixels):
+        raise RuntimeError("warm-up bug")
+
+    service.batcher.seed_request_pixels = broken  # outside warm-up's per-task handling: the task dies
+    with caplog.at_level("ERROR", logger="service"):
+        async with running(app):
+            await until(lambda: service._tasks[1].done())
+        # stop() used to swallow it
+    logged = [rec for rec in caplog.records if "warm-up had failed" in rec.getMessage()]
+    assert logged and "warm-up bug" in str(logged[0].exc_info[1])
