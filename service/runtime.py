@@ -42,7 +42,7 @@ class Service:
         self.metrics = Metrics(self.tasks)
         self.planner = Planner(settings.buckets, settings.tile_size, settings.tile_overlap)
         device = next(iter(models.values())).device
-        self.worker = DeviceWorker({t: m.engine for t, m in models.items()}, device, settings.torch_threads or torch.get_num_threads())
+        self.worker = DeviceWorker({t: m.engine for t, m in models.items()}, device, settings.model_threads())
         self.metrics.watch_device(device)
         self.uploads = UploadBudget(settings.max_inflight_upload_bytes, settings.upload_idle_timeout_s)
         self.metrics.uploads.set_function(lambda: self.uploads.used)

@@ -6,6 +6,7 @@ A bad value stops start-up with a message naming the variable and the value (`se
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -19,6 +20,36 @@ from model.variants import TASKS
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 MEGA = 1_000_000  # a megapixel is 10^6 pixels
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def available_cpus(cgroup: Path | None = None) -> int:
+    """The CPUs this process may use: its affinity mask, capped by the cgroup's CPU quota (a container's
+    CPU limit: 1.5 CPUs count as 2). torch and os.cpu_count() count the node's cores, so in a pod
+    limited to 4 CPUs on a 64-core node a thread team of 64 would fight over 4 CPUs' time."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup or CGROUP)
+    return max(1, min(cpus, math.ceil(quota)) if quota is not None else cpus)
+
+
+def cgroup_cpu_quota(cgroup: Path) -> float | None:
+    """CPUs' worth of time the cgroup may use per period (cgroup v2 cpu.max, else v1's CFS quota); None: no limit."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]  # "max 100000" or "150000 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for v1 in (cgroup / "cpu", cgroup / "cpu,cpuacct"):
+        try:
+            quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+            period_us = int((v1 / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us  # -1: no limit
+    return None
 
 
 def _split(value: object) -> object:
@@ -80,8 +111,8 @@ class Settings(BaseSettings):
     max_header_count: int = Field(100, ge=8)  # header lines of one request; more: 431
     grace_period_s: float = Field(30.0, ge=0)
     png_effort: Literal["fast", "small"] = "fast"  # fast: "up" filter (about 1 ms at 256x256); small: adaptive, 1-4 % smaller
-    codec_threads: int = Field(max(2, min(8, os.cpu_count() or 2)), ge=1, le=64)
-    torch_threads: int = Field(0, ge=0, le=1024)  # CPU intra-op threads for the model; 0 keeps torch's default
+    codec_threads: int = Field(default_factory=lambda: max(2, min(8, available_cpus())), ge=1, le=64)
+    torch_threads: int = Field(0, ge=0, le=1024)  # CPU intra-op threads for the model; 0: the CPUs we may use
 
     api_token: SecretStr | None = None  # when set, /restore and /tasks need "Authorization: Bearer <token>"
     ui_enabled: bool = True
@@ -161,6 +192,10 @@ class Settings(BaseSettings):
                 f"MPRNET_MAX_PIXELS={self.max_pixels}: larger than MPRNET_QUEUE_MAX_MEGAPIXELS={self.queue_max_megapixels} MP, so such an image could never be queued"
             )
         return self
+
+    def model_threads(self) -> int:
+        """The model's CPU threads: MPRNET_TORCH_THREADS, else the CPUs this container may use."""
+        return self.torch_threads or available_cpus()
 
     def largest_item_pixels(self) -> int:
         return max([w * h for w, h in self.buckets] + [self.tile_size**2])

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from pydantic import ValidationError
 
+from service import settings as settings_module
 from service.planner import Planner
-from service.settings import Settings, settings_error, unknown_variables
+from service.settings import Settings, available_cpus, cgroup_cpu_quota, settings_error, unknown_variables
 
 
 def refused(monkeypatch, **env) -> str:
@@ -92,3 +95,40 @@ def test_out_of_memory_fallback_halves_tiles_down_to_a_floor():
         assert torch.allclose(plan.assemble(list(plan.inputs)), image, atol=1e-6)
         plan = PLANNER.smaller(image, plan)
     assert sizes == [256, 104, 48]  # 100x90 in 128 px tiles is one 104x96 item; below 32 px it stops
+
+
+# ---------------------------------------------------------------- CPUs of a container
+
+
+def _cgroup(root, files: dict[str, str]):
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    "files, quota",
+    [
+        ({"cpu.max": "max 100000"}, None),
+        ({"cpu.max": "150000 100000"}, 1.5),
+        ({"cpu.max": "400000 100000"}, 4.0),
+        ({"cpu/cpu.cfs_quota_us": "200000", "cpu/cpu.cfs_period_us": "100000"}, 2.0),  # cgroup v1
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "-1", "cpu,cpuacct/cpu.cfs_period_us": "100000"}, None),
+        ({}, None),  # no cgroup files (not Linux, or not mounted)
+    ],
+)
+def test_cgroup_cpu_quota(tmp_path, files, quota):
+    assert cgroup_cpu_quota(_cgroup(tmp_path, files)) == quota
+
+
+def test_thread_defaults_follow_the_containers_cpu_limit_not_the_nodes_cores(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)  # a 64-core node
+    monkeypatch.setattr(settings_module, "CGROUP", _cgroup(tmp_path, {"cpu.max": "150000 100000"}))
+    assert available_cpus() == 2  # a limit of 1.5 CPUs: two threads, not 64
+    settings = Settings()
+    assert settings.model_threads() == 2 and settings.codec_threads == 2
+    assert Settings(torch_threads=3).model_threads() == 3  # set: as set
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 9}, raising=False)  # pinned to 3 CPUs
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus() == 3
