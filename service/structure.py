@@ -22,7 +22,7 @@ import functools
 import re
 import struct
 
-from PIL import Image
+from PIL import Image, ImageFile
 
 from .errors import BadInput, ServiceError, TooLarge
 
@@ -150,7 +150,7 @@ def _tiff(data: bytes) -> None:
 Marks = list[tuple[int, int, tuple]]  # (x, y, the pixel values marked there from x on)
 
 
-def mark_last_rows(img: Image.ImageFile.ImageFile) -> Marks:
+def mark_last_rows(img: ImageFile.ImageFile) -> Marks:
     """Before `img.load()`: allocate its pixels with a pattern at the end of the rows decoders write last;
     returns what `unwritten` needs. Marks nothing where that proves nothing: JPEG (libjpeg fills missing
     rows itself, see `check`), WebP (decoded whole or not at all), a GIF whose first frame does not cover
