@@ -79,7 +79,7 @@ class InvalidRequest(ServiceError):
 
 
 class UploadTimeout(ServiceError):
-    status, code = 408, "upload_timeout"
+    status, code, reason = 408, "upload_timeout", "upload_timeout"
 
 
 class QueueFull(ServiceError):
@@ -179,6 +179,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict]:
         401: "Missing or wrong bearer token",
         404: "Unknown task",
         406: "No acceptable output format",
+        408: "The body stopped arriving (MPRNET_UPLOAD_IDLE_TIMEOUT_S), or was still arriving at the deadline",
         413: "Upload or pixel count over the limit",
         415: "Unsupported content type or image format",
         422: "Invalid query or header value",

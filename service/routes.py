@@ -61,7 +61,7 @@ _RESTORED = {
             "Server-Timing": {"schema": {"type": "string"}, "description": "decode, queue, inference and encode durations in ms"},
         },
     },
-    **error_responses(400, 401, 404, 406, 413, 415, 422, 429, 500, 503, 504),
+    **error_responses(400, 401, 404, 406, 408, 413, 415, 422, 429, 500, 503, 504),
 }
 TASK_DOC = ", ".join(f"`{t}` ({PAPER_TASKS[t]})" for t in TASKS)
 # Path and query values as enums in the OpenAPI schema, from the one list of each

@@ -24,7 +24,7 @@ CONTRACT = {
     "not_acceptable": (406, "unsupported"),
     "too_large": (413, "too_large"),
     "unsupported": (415, "unsupported"),
-    "upload_timeout": (408, None),
+    "upload_timeout": (408, "upload_timeout"),
     "invalid_request": (422, None),
     "queue_full": (429, "queue_full"),
     "uploads_busy": (429, "uploads_busy"),
@@ -45,7 +45,7 @@ def test_every_error_kind_carries_the_status_code_and_reason_of_the_contract():
 
 def test_the_metric_reasons_are_derived_from_the_error_kinds():
     expected = {"queue_full", "uploads_busy", "deadline", "disconnected", "draining", "not_ready", "too_large", "oom",
-                "bad_input", "unsupported", "unauthorized"}
+                "bad_input", "unsupported", "unauthorized", "upload_timeout"}
     assert set(errors.REJECT_REASONS) == expected and len(errors.REJECT_REASONS) == len(expected)
     metrics = Metrics(("deblur",))
     metrics.reject("deblur", errors.OutOfMemory("no room"))

@@ -9,6 +9,7 @@ import pytest
 
 from service.errors import ServiceError
 from service.http_io import UploadBudget
+from tests.live_server import metric_value
 from tests.service.conftest import SlowUpload, decode, fake_app, png, rand_image, scope_for
 
 pytestmark = pytest.mark.anyio
@@ -86,6 +87,8 @@ async def test_uploads_that_declare_a_size_and_send_nothing_hold_nothing_and_tim
             status, content = s.answer()
             assert status == 408 and b'"code":"upload_timeout"' in content and b"0.5 s" in content
             assert s.headers()[b"connection"] == b"close"
+        text = (await client.get("/metrics")).text
+        assert metric_value(text, "mprnet_rejected_total", task="denoise", reason="upload_timeout") == 6
 
 
 async def test_a_body_still_arriving_at_the_request_deadline_is_408():
