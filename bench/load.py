@@ -155,6 +155,8 @@ class RawClient:
         u = httpx.URL(url)
         key = (u.host, u.port or 80)
         pool = self._idle.setdefault(key, [])
+        while pool and pool[-1][0].at_eof():  # the server closed it while idle (its keep-alive timeout)
+            pool.pop()[1].close()
         reader, writer = pool.pop() if pool else await asyncio.open_connection(*key)
         try:
             head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())

@@ -116,3 +116,23 @@ def test_status_mix_and_saturation():
     assert rows["429"]["share %"] == 25.0 and rows["failed"]["answers"] == 1
     sweep = [{"req/s": 1.0}, {"req/s": 1.9}, {"req/s": 2.0}, {"req/s": 1.95}]
     assert saturation(sweep, [1, 2, 4, 8]) == 2  # within 10 % of the best
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused():
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        fields = (line.partition(":") for line in head.decode().split("\r\n"))
+        length = next(int(v) for k, _, v in fields if k == "content-length")
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")  # keep-alive, then closed anyway
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server, RawClient() as client:
+        assert (await client.post(url, b"a", {})).status_code == 200
+        (idle_reader, _), = next(iter(client._idle.values()))
+        while not idle_reader.at_eof():
+            await asyncio.sleep(0.01)  # the server's FIN reaches the pooled connection
+        assert (await client.post(url, b"b", {})).status_code == 200
