@@ -113,9 +113,9 @@ async def livez(service: ServiceDep) -> JSONResponse:
     (a bug: no request of this process could be computed again)."""
     if service.consumer_failure:
         return JSONResponse({"status": "batcher_failed", "detail": "the batcher stopped; see the log"}, status_code=503)
-    await service.worker.probe()
-    if service.worker.failure:
-        return JSONResponse({"status": "device_failed", "detail": service.worker.failure}, status_code=503)
+    failure = await service.liveness()
+    if failure:
+        return JSONResponse({"status": "device_failed", "detail": failure}, status_code=503)
     return JSONResponse({"status": "alive"})
 
 

@@ -156,6 +156,12 @@ class Service:
 
     # ---- readiness and drain ------------------------------------------------------------------
 
+    async def liveness(self) -> str | None:
+        """None while the device is usable, else why it is lost (a new process is needed). Probes it: a dead
+        or hung GPU fails enough probes in a row to count as lost (`DeviceWorker.probe`)."""
+        await self.worker.probe()
+        return self.worker.failure
+
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         device_problem = await self.worker.probe()
         tasks = {}

@@ -105,7 +105,7 @@ async def server_metadata(request: Request) -> dict[str, Any]:
 @router.get("/health/live", summary="Server liveness", responses={503: {"description": "Unrecoverable device error"}})
 async def server_live(service: ServiceDep) -> JSONResponse:
     """200 `{"live": true}` while the process can serve; 503 after an unrecoverable device error (as /livez)."""
-    live = not service.worker.failure
+    live = not await service.liveness()
     return JSONResponse({"live": live}, status_code=200 if live else 503)
 
 

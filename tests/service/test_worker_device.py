@@ -181,3 +181,15 @@ async def test_livez_probes_the_device_itself():
         worker._probe = lambda: (_ for _ in ()).throw(RuntimeError("CUDA error: unknown error"))
         codes = [(await client.get("/livez")).status_code for _ in range(worker.probe_failures)]
         assert codes == [200] * (worker.probe_failures - 1) + [503]
+
+
+async def test_both_liveness_routes_probe_the_device():
+    app = create_app(test_settings(ui_enabled=False), models=fake_models(("deblur",), FakeModel()))
+    async with running(app) as client:
+        worker = app.state.service.worker
+        worker._probe = lambda: (_ for _ in ()).throw(RuntimeError("CUDA error: unknown error"))
+        assert (await client.get("/livez")).status_code == 200
+        assert (await client.get("/v2/health/live")).status_code == 200
+        r = await client.get("/v2/health/live")  # the third failed probe in a row
+        assert r.status_code == 503 and r.json() == {"live": False}
+        assert (await client.get("/livez")).json()["status"] == "device_failed"
