@@ -406,3 +406,30 @@ def test_cuda_uint8_submissions_overlap_and_match_the_synchronous_result():
     for b, p in zip(batches, pending, strict=True):
         assert np.abs(p.result().astype(int) - fast.run_uint8(b).astype(int)).max() <= 1  # same graph, same input
         assert np.abs(p.result().astype(int) - eager.run_uint8(b).astype(int)).max() <= 2  # bf16, graph vs eager kernels
+
+
+@pytest.mark.gpu
+def test_cuda_engines_share_one_graph_pool_and_answer_as_eager():
+    eager, first = _cuda_pair(compile="off", cuda_graphs=True)
+    second = Engine(_tiny(), device="cuda", settings=EngineSettings(compile="off", cuda_graphs=True, max_batch=4))
+    assert first.device == second.device and first.device.index is not None  # resolved with its index
+    assert first._graph_pool == second._graph_pool and first._lock is second._lock
+    first.warmup([(32, 32)])
+    second.warmup([(32, 32)])
+    x = torch.rand(3, 3, 32, 32)
+    for engine in (first, second):  # the second's captures reuse the pool: the first's outputs must survive
+        torch.testing.assert_close(engine.run_batch(x), eager.run_batch(x), atol=2e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_graphs_on_a_second_gpu_stay_there():
+    model = _tiny()
+    eager = Engine(model, device="cuda:1", settings=EngineSettings(compile="off", cuda_graphs=False))
+    graphs = Engine(model, device="cuda:1", settings=EngineSettings(compile="off", cuda_graphs=True, max_batch=2))
+    before = torch.cuda.memory_allocated(0)
+    graphs.warmup([(32, 32)])
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(graphs.run_batch(x), eager.run_batch(x), atol=2e-2, rtol=0)
+    assert torch.cuda.memory_allocated(0) == before  # nothing captured or allocated on cuda:0
+    assert torch.cuda.current_device() == 0  # the caller's device is left as it was
