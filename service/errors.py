@@ -219,5 +219,6 @@ def install_handlers(app: FastAPI) -> None:
         rid = request.scope.get("request_id", "-")
         from .middleware import printable  # here, not at the top: the middleware imports this module
 
-        log.error("unhandled error in %s %s (request %s)", request.method, printable(request.url.path), rid, exc_info=exc)
+        path = printable(request.url.path)
+        log.error("unhandled error in %s %s (request %s)", request.method, path, rid, exc_info=exc)
         return InternalError(rid).response()

@@ -27,25 +27,55 @@ class Metrics:
             "mprnet_requests", "Restore requests answered, by HTTP status", ["task", "status", "protocol"], registry=r
         )
         self.request_duration = Histogram(
-            "mprnet_request_duration_seconds", "Restore request time, arrival to last byte queued", ["task", "protocol"],
-            buckets=LATENCY, registry=r,
+            "mprnet_request_duration_seconds", "Restore request time, arrival to last byte queued",
+            ["task", "protocol"], buckets=LATENCY, registry=r,
         )
-        self.queue_wait = Histogram("mprnet_queue_wait_seconds", "Time from queueing to the start of compute", ["task"], buckets=LATENCY, registry=r)
-        self.inference = Histogram("mprnet_inference_duration_seconds", "Device time per batch", ["task"], buckets=LATENCY, registry=r)
-        self.batch_requests = Histogram("mprnet_batch_size_requests", "Distinct requests per batch", ["task"], buckets=COUNTS, registry=r)
-        self.batch_tiles = Histogram("mprnet_batch_size_tiles", "Items (whole images or tiles) per batch", ["task"], buckets=COUNTS, registry=r)
+        self.queue_wait = Histogram(
+            "mprnet_queue_wait_seconds", "Time from queueing to the start of compute",
+            ["task"], buckets=LATENCY, registry=r
+        )
+        self.inference = Histogram(
+            "mprnet_inference_duration_seconds", "Device time per batch", ["task"], buckets=LATENCY, registry=r
+        )
+        self.batch_requests = Histogram(
+            "mprnet_batch_size_requests", "Distinct requests per batch", ["task"], buckets=COUNTS, registry=r
+        )
+        self.batch_tiles = Histogram(
+            "mprnet_batch_size_tiles", "Items (whole images or tiles) per batch", ["task"], buckets=COUNTS, registry=r
+        )
         self.queue_depth = Gauge("mprnet_queue_depth_requests", "Requests waiting for compute", ["task"], registry=r)
-        self.queue_pixels = Gauge("mprnet_queue_depth_megapixels", "Megapixels (as computed, padding included) waiting for compute", ["task"], registry=r)
-        self.oldest_wait = Gauge("mprnet_queue_oldest_wait_seconds", "Age of the oldest request waiting for compute", ["task"], registry=r)
+        self.queue_pixels = Gauge(
+            "mprnet_queue_depth_megapixels", "Megapixels (as computed, padding included) waiting for compute",
+            ["task"], registry=r
+        )
+        self.oldest_wait = Gauge(
+            "mprnet_queue_oldest_wait_seconds", "Age of the oldest request waiting for compute", ["task"], registry=r
+        )
         self.megapixels = Counter("mprnet_megapixels_processed", "Image megapixels restored", ["task"], registry=r)
-        self.padding_waste = Histogram("mprnet_padding_waste_ratio", "Per request: share of computed pixels that were padding or tile overlap", ["task"], buckets=RATIOS, registry=r)
-        self.rejected = Counter("mprnet_rejected", "Requests refused, shed or dropped, by reason", ["task", "reason"], registry=r)
-        self.uploads = Gauge("mprnet_upload_bytes_in_flight", "Bytes of request bodies being received or waiting to be decoded", registry=r)
-        self.model_ready = Gauge("mprnet_model_ready", "1 when the task's model is loaded and warm", ["task"], registry=r)
-        self.gpu_allocated = Gauge("mprnet_gpu_memory_allocated_bytes", "Device memory held by tensors", ["device"], registry=r)
-        self.gpu_reserved = Gauge("mprnet_gpu_memory_reserved_bytes", "Device memory reserved by the caching allocator", ["device"], registry=r)
+        self.padding_waste = Histogram(
+            "mprnet_padding_waste_ratio", "Per request: share of computed pixels that were padding or tile overlap",
+            ["task"], buckets=RATIOS, registry=r
+        )
+        self.rejected = Counter(
+            "mprnet_rejected", "Requests refused, shed or dropped, by reason", ["task", "reason"], registry=r
+        )
+        self.uploads = Gauge(
+            "mprnet_upload_bytes_in_flight", "Bytes of request bodies being received or waiting to be decoded",
+            registry=r
+        )
+        self.model_ready = Gauge(
+            "mprnet_model_ready", "1 when the task's model is loaded and warm", ["task"], registry=r
+        )
+        self.gpu_allocated = Gauge(
+            "mprnet_gpu_memory_allocated_bytes", "Device memory held by tensors", ["device"], registry=r
+        )
+        self.gpu_reserved = Gauge(
+            "mprnet_gpu_memory_reserved_bytes", "Device memory reserved by the caching allocator",
+            ["device"], registry=r
+        )
         self.engine_memory = Gauge(
-            "mprnet_engine_memory_bytes", "Peak device memory of one pass of a static shape (WIDTHxHEIGHT, batch), measured at warm-up",
+            "mprnet_engine_memory_bytes",
+            "Peak device memory of one pass of a static shape (WIDTHxHEIGHT, batch), measured at warm-up",
             ["task", "shape", "batch"], registry=r,
         )
         for task in tasks:  # series exist from the start, so dashboards and alerts see zeros, not gaps
@@ -69,7 +99,9 @@ class Metrics:
             if use.peak_bytes is not None:
                 self.engine_memory.labels(task, f"{w}x{h}", str(batch)).set(use.peak_bytes)
 
-    def watch_queue(self, depth: Callable[[str], int], pixels: Callable[[str], float], oldest: Callable[[str], float]) -> None:
+    def watch_queue(
+        self, depth: Callable[[str], int], pixels: Callable[[str], float], oldest: Callable[[str], float]
+    ) -> None:
         for task in self.tasks:
             self.queue_depth.labels(task).set_function(lambda t=task: depth(t))
             self.queue_pixels.labels(task).set_function(lambda t=task: pixels(t) / 1e6)

@@ -28,7 +28,9 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def require_token(request: Request, service: ServiceDep, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+def require_token(
+    request: Request, service: ServiceDep, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
     token = service.settings.api_token
     if token is None:
         return
@@ -42,13 +44,18 @@ def require_token(request: Request, service: ServiceDep, creds: Annotated[HTTPAu
 Authorized = [Depends(require_token)]
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
+_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff")
 _RESTORE_BODY = {
     "requestBody": {
         "required": True,
-        "description": "The image: a multipart form with a file field `image`, or the raw bytes with an image/* content type.",
+        "description": (
+            "The image: a multipart form with a file field `image`, or the raw bytes with an image/* content type."
+        ),
         "content": {
-            "multipart/form-data": {"schema": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}}, "required": ["image"]}},
-            **{t: _BINARY for t in ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff", "application/octet-stream")},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"image": _BINARY["schema"]}, "required": ["image"]}
+            },
+            **{t: _BINARY for t in (*_IMAGE_TYPES, "application/octet-stream")},
         },
     }
 }
@@ -58,25 +65,33 @@ _RESTORED = {
         "content": {t: _BINARY for t in codec.OUTPUTS.values()},
         "headers": {
             "X-Request-ID": {"schema": {"type": "string"}, "description": "The client's id, or a new one"},
-            "Server-Timing": {"schema": {"type": "string"}, "description": "decode, queue, inference and encode durations in ms"},
+            "Server-Timing": {
+                "schema": {"type": "string"}, "description": "decode, queue, inference and encode durations in ms"
+            },
         },
     },
     **error_responses(400, 401, 404, 406, 408, 413, 415, 422, 429, 500, 503, 504),
 }
+_TIMEOUT_DOC = "Seconds before compute must start; can only shorten the server's default"
 TASK_DOC = ", ".join(f"`{t}` ({PAPER_TASKS[t]})" for t in TASKS)
 # Path and query values as enums in the OpenAPI schema, from the one list of each
 TaskName = Literal[TASKS]  # type: ignore[valid-type]
 OutputFormat = Literal[tuple(codec.OUTPUTS)]  # type: ignore[valid-type]
 
 
-@router.post("/restore/{task}", dependencies=Authorized, response_class=Response, responses=_RESTORED, openapi_extra=_RESTORE_BODY, summary="Restore an image")
+@router.post(
+    "/restore/{task}", dependencies=Authorized, response_class=Response, responses=_RESTORED,
+    openapi_extra=_RESTORE_BODY, summary="Restore an image",
+)
 async def restore(
     task: Annotated[TaskName, Path(description=f"What to restore: {TASK_DOC}")],
     request: Request,
     service: ServiceDep,
     format: Annotated[OutputFormat | None, Query(description="Output format; default from Accept, else PNG")] = None,
     quality: Annotated[int | None, Query(ge=1, le=100, description="JPEG/WebP quality (default 90)")] = None,
-    timeout: Annotated[float | None, Header(alias="X-Request-Timeout", gt=0, le=86400, description="Seconds before compute must start; can only shorten the server's default")] = None,
+    timeout: Annotated[
+        float | None, Header(alias="X-Request-Timeout", gt=0, le=86400, description=_TIMEOUT_DOC)
+    ] = None,
 ) -> Response:
     """Restore one image with the task's model; the answer is the image in the same size and mode."""
     s = service.settings
@@ -99,13 +114,17 @@ async def restore(
     return Response(body, media_type=codec.OUTPUTS[fmt], headers={"Server-Timing": timings.server_timing()})
 
 
-@router.get("/tasks", dependencies=Authorized, responses=error_responses(401), summary="Tasks, models and batching settings")
+@router.get(
+    "/tasks", dependencies=Authorized, responses=error_responses(401), summary="Tasks, models and batching settings"
+)
 async def tasks(service: ServiceDep) -> dict[str, Any]:
     """Each task's readiness, model configuration, parameter count, weights and SHA-256, device and precision."""
     return service.describe()
 
 
-@router.get("/livez", summary="Liveness", responses={503: {"description": "Unrecoverable device error: restart the process"}})
+@router.get(
+    "/livez", summary="Liveness", responses={503: {"description": "Unrecoverable device error: restart the process"}}
+)
 async def livez(service: ServiceDep) -> JSONResponse:
     """200 while the process runs (also while warming up or draining); 503 once the device is lost: a sticky
     CUDA error, a device error a fresh probe confirmed, or several device probes in a row that failed or
@@ -119,17 +138,28 @@ async def livez(service: ServiceDep) -> JSONResponse:
     return JSONResponse({"status": "alive"})
 
 
-_READY = {"type": "object", "properties": {"status": {"type": "string"}, "tasks": {"type": "object"}, "device": {"type": "object"}}}
+_READY = {
+    "type": "object",
+    "properties": {"status": {"type": "string"}, "tasks": {"type": "object"}, "device": {"type": "object"}},
+}
 
 
-@router.get("/readyz", summary="Readiness", responses={200: {"description": "Ready"}, 503: {"description": "Warming up, draining or device failure", "content": {"application/json": {"schema": _READY}}}})
+_NOT_READY = {
+    "description": "Warming up, draining or device failure", "content": {"application/json": {"schema": _READY}}
+}
+
+
+@router.get("/readyz", summary="Readiness", responses={200: {"description": "Ready"}, 503: _NOT_READY})
 async def readyz(service: ServiceDep) -> JSONResponse:
     """200 only when every task is warm and the device answers a tiny operation; per-task detail in the body."""
     ok, body = await service.readiness()
     return JSONResponse(body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "5"})
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}})
+_PROMETHEUS = {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={200: _PROMETHEUS})
 async def metrics(service: ServiceDep) -> Response:
     """Prometheus text format (no token needed)."""
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

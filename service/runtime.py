@@ -60,7 +60,9 @@ class Service:
         # Codec threads convert, pad and blend small tensors: one torch thread each. With torch's
         # default (all cores) every such op wakes an OpenMP team that fights the model's for the
         # cores; measured on 2 busy cores, from_tensor of a 256x256 image took 24 ms of CPU, not 0.5.
-        self.codec_pool = ThreadPoolExecutor(settings.codec_threads, thread_name_prefix="codec", initializer=torch.set_num_threads, initargs=(1,))
+        self.codec_pool = ThreadPoolExecutor(
+            settings.codec_threads, thread_name_prefix="codec", initializer=torch.set_num_threads, initargs=(1,)
+        )
         self.warm: dict[str, bool] = dict.fromkeys(self.tasks, False)
         self.warm_errors: dict[str, str] = {}
         self.draining = False
@@ -334,7 +336,11 @@ class Service:
         return {
             "tasks": {t: {"ready": self.warm[t], **m.describe()} for t, m in self.models.items()},
             "batching": batching,
-            "limits": {"max_upload_bytes": s.max_upload_bytes, "max_pixels": s.max_pixels, "request_timeout_s": s.request_timeout_s},
+            "limits": {
+                "max_upload_bytes": s.max_upload_bytes,
+                "max_pixels": s.max_pixels,
+                "request_timeout_s": s.request_timeout_s,
+            },
         }
 
 
