@@ -273,7 +273,11 @@ async def _infer(task: str, request: Request, service: Service, header_timeout: 
     admission_deadline = service.deadline(arrived, header_timeout)
     with service.admitted(task, admission_deadline) as ticket:
         async with raw_upload(request, s.max_upload_bytes, service.uploads, admission_deadline) as (body, release):
-            call = await service.in_codec_pool(_parse, body, request.headers.get(HEADER), s.max_batch_size)
+            header_length = request.headers.get(HEADER)
+            if _small_json(len(body), header_length):
+                call = _parse(body, header_length, s.max_batch_size)
+            else:
+                call = await service.in_codec_pool(_parse, body, header_length, s.max_batch_size)
             ticket.close()  # from here each image is admitted (and counted in the queue's limits) on its own
             timeouts = [t for t in (header_timeout, call.timeout_s) if t is not None]
             deadline = service.deadline(arrived, min(timeouts) if timeouts else None)
@@ -290,11 +294,24 @@ async def _infer(task: str, request: Request, service: Service, header_timeout: 
     if restored is not None:
         images.check_pixel_output(call, [p.shape[:2] for p in restored])
     outputs = images.output_tensors(call, restored, files)
-    body, json_length = await service.in_codec_pool(serialize_response, task, call.id, outputs)
+    if all(o.binary for o in outputs):  # a small JSON head and one copy of each tensor
+        body, json_length = serialize_response(task, call.id, outputs)
+    else:  # a JSON array of every pixel value, or base64 of every file: in a codec thread
+        body, json_length = await service.in_codec_pool(serialize_response, task, call.id, outputs)
     headers = {"Server-Timing": _slowest([r[1] for r in results]).server_timing()}
     if json_length is None:
         return Response(body, media_type="application/json", headers=headers)
     return Response(body, media_type="application/octet-stream", headers={**headers, HEADER: str(json_length)})
+
+
+# A JSON part up to this size is parsed on the event loop (tens of microseconds): the binary form's JSON
+# is a few hundred bytes. Larger ones (tensors as JSON arrays) go to a codec thread.
+INLINE_JSON_BYTES = 16 * 1024
+
+
+def _small_json(body_size: int, header_length: str | None) -> bool:
+    size = int(header_length) if header_length is not None and header_length.strip().isdigit() else body_size
+    return size <= INLINE_JSON_BYTES
 
 
 def _parse(body: bytes, header_length: str | None, max_images: int) -> images.ImageCall:
