@@ -130,11 +130,10 @@ async def livez(service: ServiceDep) -> JSONResponse:
     CUDA error, a device error a fresh probe confirmed, or several device probes in a row that failed or
     timed out (each call probes; a dead or hung GPU needs a new process); also once the batcher has stopped
     (a bug: no request of this process could be computed again)."""
-    if service.consumer_failure:
-        return JSONResponse({"status": "batcher_failed", "detail": "the batcher stopped; see the log"}, status_code=503)
     failure = await service.liveness()
     if failure:
-        return JSONResponse({"status": "device_failed", "detail": failure}, status_code=503)
+        status = "batcher_failed" if service.consumer_failure else "device_failed"
+        return JSONResponse({"status": status, "detail": failure}, status_code=503)
     return JSONResponse({"status": "alive"})
 
 

@@ -160,7 +160,10 @@ class Service:
 
     async def liveness(self) -> str | None:
         """None while the device is usable, else why it is lost (a new process is needed). Probes it: a dead
-        or hung GPU fails enough probes in a row to count as lost (`DeviceWorker.probe`)."""
+        or hung GPU fails enough probes in a row to count as lost (`DeviceWorker.probe`). A batcher that
+        stopped (a bug) leaves nothing computable either."""
+        if self.consumer_failure is not None:
+            return "the batcher stopped; see the log"
         await self.worker.probe()
         return self.worker.failure
 

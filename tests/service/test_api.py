@@ -64,9 +64,11 @@ async def test_restore_answers_the_image_with_request_id_and_server_timing():
         r = await client.post("/restore/denoise", content=png(IMG), headers={**RAW, "X-Request-ID": "abc-123"})
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         assert r.headers["x-request-id"] == "abc-123"
-        assert [p.split(";")[0].strip() for p in r.headers["server-timing"].split(",")] == ["decode", "queue", "inference", "encode"]
+        steps = [p.split(";")[0].strip() for p in r.headers["server-timing"].split(",")]
+        assert steps == ["decode", "queue", "inference", "encode"]
         assert (decode(r.content) == IMG).all()  # identity model: the image comes back unchanged
-        r = await client.post("/restore/denoise", files={"image": ("x.png", png(IMG), "image/png")}, headers={"X-Request-ID": "bad id\x7f"})
+        form = {"image": ("x.png", png(IMG), "image/png")}
+        r = await client.post("/restore/denoise", files=form, headers={"X-Request-ID": "bad id\x7f"})
         assert r.status_code == 200 and len(r.headers["x-request-id"]) == 32  # an unusable id is replaced
         assert (await client.get("/livez")).headers["x-request-id"]
 
@@ -77,7 +79,8 @@ async def test_output_format_from_query_and_accept():
         assert r.headers["content-type"] == "image/jpeg" and r.content[:2] == b"\xff\xd8"
         r = await client.post("/restore/derain", content=png(IMG), headers={**RAW, "Accept": "image/webp"})
         assert r.headers["content-type"] == "image/webp" and r.content[8:12] == b"WEBP"
-        r = await client.post("/restore/derain", content=png(IMG), headers={**RAW, "Accept": "image/avif,image/webp;q=0.5,*/*;q=0.1"})
+        accept = "image/avif,image/webp;q=0.5,*/*;q=0.1"
+        r = await client.post("/restore/derain", content=png(IMG), headers={**RAW, "Accept": accept})
         assert r.headers["content-type"] == "image/webp"
         r = await client.post("/restore/derain", content=png(IMG), headers={**RAW, "Accept": "text/html"})
         assert r.status_code == 406 and r.json()["code"] == "not_acceptable"
@@ -260,7 +263,8 @@ async def test_a_device_failure_turns_readiness_and_liveness_red():
         r = await client.post("/restore/deblur", content=png(IMG), headers=RAW)
         assert r.status_code == 500 and r.json()["code"] == "inference_failed"
         ready = await client.get("/readyz")
-        assert ready.status_code == 503 and not ready.json()["device"]["ok"] and "illegal memory access" in ready.json()["device"]["detail"]
+        device = ready.json()["device"]
+        assert ready.status_code == 503 and not device["ok"] and "illegal memory access" in device["detail"]
         assert (await client.get("/livez")).status_code == 503  # a sticky CUDA error needs a new process
 
 
@@ -271,7 +275,8 @@ async def test_an_unexpected_error_is_a_logged_json_500_with_the_request_id():
 
         app.state.service.planner.plan = broken
         r = await client.post("/restore/deblur", content=png(IMG), headers={**RAW, "X-Request-ID": "req-7"})
-        assert r.status_code == 500 and r.json() == {"detail": "Internal error; quote request id req-7.", "code": "internal_error"}
+        assert r.status_code == 500
+        assert r.json() == {"detail": "Internal error; quote request id req-7.", "code": "internal_error"}
         assert r.headers["x-request-id"] == "req-7" and "a bug" not in r.text
         assert metric_value((await client.get("/metrics")).text, "mprnet_requests_total", task="deblur", status="500") == 1
         assert (await client.get("/livez")).status_code == 200
@@ -292,7 +297,9 @@ async def test_a_batcher_that_dies_is_logged_at_once_fails_its_requests_and_turn
         assert any("batcher's consumer stopped" in rec.getMessage() and rec.exc_info for rec in caplog.records)
         ready = await client.get("/readyz")
         assert ready.status_code == 503 and "batcher stopped" in ready.json()["tasks"]["deblur"]["detail"]
-        assert (await client.get("/livez")).status_code == 503
+        live = await client.get("/livez")
+        assert live.status_code == 503 and live.json()["status"] == "batcher_failed"
+        assert (await client.get("/v2/health/live")).status_code == 503
         r = await client.post("/restore/denoise", content=png(IMG), headers=RAW)
         assert r.status_code == 503 and r.json()["code"] == "not_ready"
         assert metric_value((await client.get("/metrics")).text, "mprnet_model_ready", task="deblur") == 0
