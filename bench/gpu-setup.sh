@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${1:?usage: bench/gpu-setup.sh PYTHON}
 WHEELS=${WHEELS:-.whl}
 if [ -f "$WHEELS/requirements.txt" ]; then
-  count=$(find "$WHEELS" -maxdepth 1 -name '*.whl' | wc -l)
+  count=$(find "$WHEELS" -maxdepth 1 -type f -name '*.whl' | wc -l)
   echo "gpu-setup: installing from $WHEELS ($count wheels) what $PY's environment lacks"
   keep=$(mktemp)
   # the installed torch by its metadata: importing it can need what is still to be installed
