@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 
 from starlette.datastructures import UploadFile
@@ -203,16 +204,38 @@ async def image_upload(request: Request, limit: int, budget: UploadBudget | None
 async def raw_upload(
     request: Request, limit: int, budget: UploadBudget | None = None, deadline: float | None = None
 ) -> AsyncIterator[tuple[bytes, Callable[[], None]]]:
-    """(the whole body as it is, whatever its content type; a `release()`): read as `image_upload` reads
-    (413, 429, 408, 503, 499), its bytes counted in `budget` until `release()` is called (say, once what it
-    carries is queued) or the block exits."""
+    """(the whole body, whatever its content type; a `release()`): read as `image_upload` reads (413, 429,
+    408, 503, 499), inflated if its Content-Encoding is gzip or deflate (`limit` applies to both sizes), its
+    bytes counted in `budget` until `release()` is called (say, once what it carries is queued) or the block
+    exits."""
     held = _Held(budget)
     try:
         async with contextlib.aclosing(_chunks(request, limit, held, deadline)) as chunks:
             body = b"".join([chunk async for chunk in chunks])
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            body = await asyncio.to_thread(inflate, body, encoding, limit)
+            held.grow_to(len(body))  # what is held now is the inflated body (429 if the budget cannot take it)
         yield body, held.release
     finally:
         held.release()
+
+
+def inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip or deflate (zlib) Content-Encoding undone, refused past `limit` bytes before more is inflated:
+    a few kilobytes can inflate to gigabytes."""
+    if encoding not in ("gzip", "deflate"):
+        raise Unsupported(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none.")
+    inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)  # either header, gzip's or zlib's
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise BadInput(f"The {encoding} body could not be inflated ({e}).") from None
+    if len(out) > limit:
+        raise TooLarge(f"The {encoding} body inflates to over {limit:,} bytes, the limit.")
+    if not inflater.eof:
+        raise BadInput(f"The {encoding} body ends before its compressed stream does.")
+    return out
 
 
 async def image_bytes(request: Request, limit: int, held: _Held | None = None, deadline: float | None = None) -> bytes:

@@ -125,6 +125,18 @@ def test_a_batch_of_pixels_and_the_default_outputs(client, server):
         assert np.abs(out[i].astype(int) - decode(restored_by_our_api(server, image)).astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests(client, server, algorithm):
+    image = rand_image(20, 28, seed=12)
+    result = client.infer(
+        TASK,
+        [pixel_input(image, True)],
+        outputs=wanted("restored", binary=True),
+        request_compression_algorithm=algorithm,
+    )
+    assert np.array_equal(result.as_numpy("restored"), decode(restored_by_our_api(server, image)))
+
+
 def test_jpeg_output_format_parameter(client, server):
     image = rand_image(24, 24, seed=9)
     outputs = [tritonclient_http.InferRequestedOutput("restored_file", binary_data=True)]

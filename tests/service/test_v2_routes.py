@@ -6,16 +6,30 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import struct
+import zlib
 
 import anyio
 import numpy as np
 import pytest
 
 from service.app import create_app
+from service.errors import ServiceError
+from service.http_io import inflate
 from tests.live_server import metric_value
-from tests.service.conftest import FakeModel, asgi_call, decode, fake_app, fake_models, png, rand_image, running, test_settings
+from tests.service.conftest import (
+    FakeModel,
+    asgi_call,
+    decode,
+    fake_app,
+    fake_models,
+    png,
+    rand_image,
+    running,
+    test_settings,
+)
 from tests.service.test_api import RAW, as_tensor, dropped_when_gone, occupy, until
 
 pytestmark = pytest.mark.anyio
@@ -247,3 +261,34 @@ async def test_a_client_gone_while_queued_is_dropped_before_compute():
     text = await dropped_when_gone("/v2/models/deblur/infer", body, headers, list(gone_images))
     assert metric_value(text, "mprnet_requests_total", task="deblur", status="499", protocol="v2") == 1
     assert metric_value(text, "mprnet_rejected_total", task="deblur", reason="disconnected") == 1
+
+
+def test_inflate_undoes_gzip_and_deflate_within_the_limit():
+    data = b"pixels " * 1000
+    assert inflate(gzip.compress(data), "gzip", len(data)) == data
+    assert inflate(zlib.compress(data), "deflate", len(data)) == data
+    with pytest.raises(ServiceError) as info:
+        inflate(gzip.compress(data), "gzip", len(data) - 1)  # a bomb stops at the limit
+    assert info.value.status == 413
+    with pytest.raises(ServiceError) as info:
+        inflate(gzip.compress(data)[:-20], "gzip", len(data))
+    assert info.value.status == 400 and "ends before" in info.value.detail
+    with pytest.raises(ServiceError) as info:
+        inflate(b"not gzip", "gzip", 100)
+    assert info.value.status == 400 and "could not be inflated" in info.value.detail
+    with pytest.raises(ServiceError) as info:
+        inflate(data, "br", 10_000)
+    assert info.value.status == 415 and "gzip, deflate" in info.value.detail
+
+
+async def test_a_compressed_request_is_inflated_and_counted_inflated():
+    async with fake_app() as (client, _, app):
+        body, headers = binary_request(IMG)
+        r = await client.post(
+            "/v2/models/deblur/infer", content=gzip.compress(body), headers={**headers, "content-encoding": "gzip"}
+        )
+        doc, rest = split(r)
+        assert r.status_code == 200 and np.array_equal(np.frombuffer(rest, np.uint8).reshape(IMG.shape), IMG)
+        assert app.state.service.uploads.used == 0  # given back
+        r = await client.post("/v2/models/deblur/infer", content=body, headers={**headers, "content-encoding": "br"})
+        assert r.status_code == 415 and "Content-Encoding" in error_of(r)
