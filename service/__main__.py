@@ -9,8 +9,10 @@ terminal or a supervisor's "reload" must not do that.)
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import os
 import signal
@@ -104,7 +106,27 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line takes no options beyond --help and --version: every setting is an MPRNET_* variable."""
+    names = ", ".join(f"MPRNET_{name.upper()}" for name in Settings.model_fields)
+    parser = argparse.ArgumentParser(
+        prog="mprnet-serve",
+        description="Serve MPRNet image restoration over HTTP (POST /restore/{task}). Settings come from the "
+        "environment, never from options: " + names + ". See docs/settings.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    return parser.parse_args(argv)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("mprnet-serve")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parse_args(sys.argv[1:] if argv is None else argv)
     try:
         settings = Settings()
     except ValidationError as e:
