@@ -1,6 +1,6 @@
 """Engine benchmark: our engine's modes beside the reference MPRNet (spandrel's), one card, one run.
 
-Rows are issue 7's configurations; each is timed for the reference (bf16 autocast + channels_last,
+Rows are the GPU targets' configurations; each is timed for the reference (bf16 autocast + channels_last,
 eager: the authors' best plain setting) and our engine in the modes asked for:
 
     eager            bf16 + channels_last, no compile, no graphs

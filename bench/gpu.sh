@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7's GPU run, one command, at most 8 minutes on one H100/H200:
+# The GPU run, one command, at most 8 minutes on one H100/H200:
 #   1. set-up: what the image lacks (the web stack, the reference implementation) from .whl/ (no
 #      network there), then an import of every module the stages use (bench/importcheck.py)
 #   2. engine vs reference (bench/engine.py), the paper's configurations with seeded random weights
@@ -7,7 +7,7 @@
 #      batch 1, derain 256x256 best batch; compile/graph outputs against eager; bf16 vs fp32 PSNR
 #      on a real photo for each task
 #   3. HTTP load (bench/load.py) against a server on this machine, deblur 256x256, at saturation
-#   4. summary (bench/gpu_report.py): issue 7's table, targets met or not
+#   4. summary (bench/gpu_report.py): the targets' table, targets met or not
 # Everything lands in $OUT (default ./out): gpu.log, engine.json, engine.md, load.txt, load.err,
 # summary.json, summary.md. Each stage has its own `timeout`, so one that hangs or runs long
 # costs its slice and the others still run.

@@ -1,4 +1,4 @@
-"""Issue 7's table from one bench/gpu.sh run: $OUT/engine.json and $OUT/load.txt -> summary.md and summary.json.
+"""The GPU targets' table from one bench/gpu.sh run: $OUT/engine.json and $OUT/load.txt -> summary.md and summary.json.
 
 Each goal takes the fastest engine mode measured for it (over the batches tried for "best batch"
 goals) beside the fastest reference figure for the same goal and the target. The HTTP line divides
@@ -42,7 +42,7 @@ def load_table(text: str, header: list[str] | None = None) -> list[dict[str, str
 def summarize(
     engine: dict[str, Any], load_text: str | None, load_mode: str, load_shape: tuple[str, int, int, int], load_err: str = ""
 ) -> dict[str, Any]:
-    """Issue 7's goals from the engine report; the HTTP ratio from load.txt (or, when the load run was
+    """The GPU targets from the engine report; the HTTP ratio from load.txt (or, when the load run was
     cut short before its table, the per-level lines of load.err)."""
     rows = [r for r in engine["rows"] if "img_per_s" in r]
     goals: dict[str, dict[str, Any]] = {}

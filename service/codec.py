@@ -37,9 +37,8 @@ OUTPUTS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # Modes whose pixels service/png.py writes directly (the rest, e.g. palettes, go through Pillow)
 # (I and F: 32-bit integer and float grey, held as 16-bit levels, are answered as 16-bit grey PNGs.)
 FAST_PNG_MODES = (None, "L", "LA", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-# Pillow's PNG: zlib level 1 with the run-length strategy. Measured on a 256x256 photo, blurred photo and flat
-# image (2-core x86, CPU ms / KB): default level 6 13.5 / 173 on the photo; level 1 14.3 / 176, 9.3 /
-# 88, 0.8 / 2.2; level 1 + Z_RLE 10.1 / 173, 7.7 / 76, 0.8 / 1.1: faster and smaller on all three.
+# Pillow's PNG: zlib level 1 with the run-length strategy, faster and no larger than the default level 6
+# on photos, blurred photos and flat images (docs/performance.md, "Choices made from measurements").
 PNG_COMPRESS_LEVEL = 1
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 # What Pillow raises for a malformed EXIF block while reading it (a fuzz of EXIF bytes saw SyntaxError,

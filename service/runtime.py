@@ -59,7 +59,7 @@ class Service:
         )
         # Codec threads convert, pad and blend small tensors: one torch thread each. With torch's
         # default (all cores) every such op wakes an OpenMP team that fights the model's for the
-        # cores; measured on 2 busy cores, from_tensor of a 256x256 image took 24 ms of CPU, not 0.5.
+        # cores, and a conversion costs many times its single-threaded time (docs/performance.md).
         self.codec_pool = ThreadPoolExecutor(
             settings.codec_threads, thread_name_prefix="codec", initializer=torch.set_num_threads, initargs=(1,)
         )

@@ -46,7 +46,7 @@ def test_cpu_run_writes_table_and_json(tmp_path, capsys):
 
 
 def test_flop_count_matches_the_papers_figure():
-    # REFERENCE.md: 1519 GFLOP for the deblur configuration at 256x256, counted the same way
+    # the paper's deblur configuration at 256x256 is 1519 GFLOP, counted the same way
     assert count_flops("ours", VARIANTS["deblur"], (1, 3, 256, 256)) / 1e9 == pytest.approx(1519, abs=1)
     assert count_flops("ours", TINY, (2, 3, 16, 16)) == 2 * count_flops("ours", TINY, (1, 3, 16, 16))
 

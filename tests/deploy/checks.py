@@ -76,7 +76,7 @@ def _exec_form(args: str) -> list[str] | None:
 
 
 def dockerfile_problems(text: str, torch_pin: str) -> list[str]:
-    """The container contract of issue 5 that hadolint does not know about."""
+    """The container contract (non-root, health check, signals, ports) that hadolint does not know about."""
     problems = []
     ins = dockerfile_instructions(text)
     froms = [i for i, (word, _) in enumerate(ins) if word == "FROM"]

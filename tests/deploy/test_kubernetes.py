@@ -1,6 +1,6 @@
 """k8s/: every overlay renders with `kubectl kustomize`, validates strictly against the Kubernetes
 schemas (kubernetes-validate) and the custom-resource schemas (npm packages, tests/tools), and
-keeps the rules of issue 5: GPU limit only where there is a GPU, one autoscaler per Deployment,
+keeps the deployment rules: GPU limit only where there is a GPU, one autoscaler per Deployment,
 probes and shutdown timing, hardened pod, settings the service accepts."""
 
 from __future__ import annotations

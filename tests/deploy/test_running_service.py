@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow  # starts the real server
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "mprnet.json"
 ADAPTER = ROOT / "k8s" / "overlays" / "hpa" / "prometheus-adapter-values.yaml"
 
-# What issue 5 asks the dashboard to show: request rate and latency by task, queue depth and wait,
+# What the dashboard must show: request rate and latency by task, queue depth and wait,
 # batch size, megapixels/s, rejections by reason, GPU memory.
 DASHBOARD_MUST_USE = {
     "mprnet_requests_total",
