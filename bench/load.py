@@ -157,11 +157,24 @@ class RawClient:
         pool = self._idle.setdefault(key, [])
         while pool and pool[-1][0].at_eof():  # the server closed it while idle (its keep-alive timeout)
             pool.pop()[1].close()
-        reader, writer = pool.pop() if pool else await asyncio.open_connection(*key)
+        if pool:
+            try:
+                return await self._exchange(*pool.pop(), pool, u, content, headers)
+            except (ConnectionError, asyncio.IncompleteReadError) as e:
+                if getattr(e, "partial", b""):
+                    raise  # part of an answer came: the server did see the request
+                # no answer at all: a kept-alive connection the server closed as the request went out; once
+                # more on a new connection, as HTTP clients do (RFC 9112, section 9.3.1)
+        return await self._exchange(*await asyncio.open_connection(*key), pool, u, content, headers)
+
+    @staticmethod
+    async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pool: list, u: httpx.URL,
+                        content: bytes, headers: dict[str, str]) -> RawResponse:
         try:
             head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
             target = u.raw_path.decode("ascii")
-            writer.write(f"POST {target} HTTP/1.1\r\nhost: {u.host}\r\ncontent-length: {len(content)}\r\n{head}\r\n".encode("latin-1") + content)
+            start = f"POST {target} HTTP/1.1\r\nhost: {u.host}\r\ncontent-length: {len(content)}\r\n{head}\r\n"
+            writer.write(start.encode("latin-1") + content)
             status_line, *lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
             got = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
             if got.get("transfer-encoding", "").lower() == "chunked":

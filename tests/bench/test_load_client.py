@@ -136,3 +136,27 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused():
         while not idle_reader.at_eof():
             await asyncio.sleep(0.01)  # the server's FIN reaches the pooled connection
         assert (await client.post(url, b"b", {})).status_code == 200
+
+
+async def test_a_kept_alive_connection_closed_as_the_request_goes_out_is_retried_once_on_a_new_one():
+    conns = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal conns
+        conns += 1
+        await reader.readuntil(b"\r\n\r\n")
+        if conns == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst")
+            await writer.drain()
+            await reader.readuntil(b"\r\n\r\n")  # the next request on this connection: closed unanswered
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nsecond")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server, RawClient() as client:
+        assert (await client.post(url, b"", {})).content == b"first"
+        assert (await client.post(url, b"", {})).content == b"second"
+    assert conns == 2
