@@ -25,6 +25,7 @@ from torch import Tensor
 from .. import codec, pipeline
 from ..errors import ServiceError, UnknownTask
 from ..http_io import raw_upload, wait_for_disconnect
+from ..middleware import printable
 from ..routes import Authorized, ServiceDep
 from ..runtime import Service
 from . import images
@@ -57,7 +58,7 @@ class V2Route(APIRoute):
                 return v2_error(422, "; ".join(parts) or "invalid request")
             except Exception as e:  # noqa: BLE001 - logged with the request id; the client learns nothing more
                 rid = request.scope.get("request_id", "-")
-                log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=e)
+                log.error("unhandled error in %s %s", request.method, printable(request.url.path), exc_info=e)
                 return v2_error(500, f"Internal error; quote request id {rid}.")
 
         return route
