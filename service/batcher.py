@@ -138,7 +138,7 @@ class MicroBatcher:
         self._in_flight: list[Job] = []  # members of the batch on the device now
         self._in_flight_work = ("", 0, 0.0)  # (task, pixels, start) of the batch on the device
         self.batches = 0
-        metrics.watch_queue(self.depth, self.pixels, self.oldest_wait)
+        metrics.watch_queue(self.depth, self.pixels, self.oldest_wait, self.expected_wait)
 
     # ---- producer side (request handlers) ----------------------------------------------------
 

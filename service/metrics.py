@@ -51,6 +51,11 @@ class Metrics:
         self.oldest_wait = Gauge(
             "mprnet_queue_oldest_wait_seconds", "Age of the oldest request waiting for compute", ["task"], registry=r
         )
+        self.expected_wait = Gauge(
+            "mprnet_queue_expected_wait_seconds",
+            "Expected wait before compute of a request arriving now (admission refuses it when over its deadline)",
+            ["task"], registry=r,
+        )
         self.megapixels = Counter("mprnet_megapixels_processed", "Image megapixels restored", ["task"], registry=r)
         self.padding_waste = Histogram(
             "mprnet_padding_waste_ratio", "Per request: share of computed pixels that were padding or tile overlap",
@@ -100,12 +105,14 @@ class Metrics:
                 self.engine_memory.labels(task, f"{w}x{h}", str(batch)).set(use.peak_bytes)
 
     def watch_queue(
-        self, depth: Callable[[str], int], pixels: Callable[[str], float], oldest: Callable[[str], float]
+        self, depth: Callable[[str], int], pixels: Callable[[str], float], oldest: Callable[[str], float],
+        expected: Callable[[str], float],
     ) -> None:
         for task in self.tasks:
             self.queue_depth.labels(task).set_function(lambda t=task: depth(t))
             self.queue_pixels.labels(task).set_function(lambda t=task: pixels(t) / 1e6)
             self.oldest_wait.labels(task).set_function(lambda t=task: oldest(t))
+            self.expected_wait.labels(task).set_function(lambda t=task: expected(t))
 
     def watch_device(self, device: torch.device) -> None:
         label = str(device)

@@ -120,6 +120,7 @@ async def test_metrics_expose_the_contract_names():
         "mprnet_requests_total", "mprnet_request_duration_seconds_bucket", "mprnet_queue_wait_seconds_bucket",
         "mprnet_inference_duration_seconds_bucket", "mprnet_batch_size_requests_bucket", "mprnet_batch_size_tiles_bucket",
         "mprnet_queue_depth_requests", "mprnet_queue_depth_megapixels", "mprnet_queue_oldest_wait_seconds",
+        "mprnet_queue_expected_wait_seconds",
         "mprnet_megapixels_processed_total", "mprnet_padding_waste_ratio_bucket", "mprnet_rejected_total", "mprnet_model_ready",
         "mprnet_gpu_memory_allocated_bytes", "mprnet_gpu_memory_reserved_bytes",
     ):

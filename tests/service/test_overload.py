@@ -29,6 +29,8 @@ async def test_a_request_the_queue_cannot_serve_in_time_hears_429_before_its_bod
         held = await occupy(client, model)
         batcher.seed_throughput("deblur", 1.0, 1.0)  # nothing measured yet: 1 pixel/s, so the held batch takes long
         assert batcher.expected_wait("deblur") > 60
+        text = (await client.get("/metrics")).text
+        assert metric_value(text, "mprnet_queue_expected_wait_seconds", task="deblur") > 60
         late = SlowUpload(b"\x89PNG" * 25_000, first=0)  # its body never arrives
         with anyio.fail_after(10):
             await app(scope_for([(b"content-length", b"100000")], "/restore/deblur"), late.receive, late.send)
