@@ -70,7 +70,7 @@ def oracle(crop: int = 0) -> dict:
     rows = []
     for i, (name, low, ref) in enumerate(load_set("deblur", crop=crop)):
         kernel = random_blur_kernel(np.random.default_rng(EVAL_SEED + i))  # benchmark_degrade's first draw
-        scores = {n: _psnr(ref, out) for n, out in zip(NSR_GRID, wiener_sweep(low, kernel, NSR_GRID))}
+        scores = {n: _psnr(ref, out) for n, out in zip(NSR_GRID, wiener_sweep(low, kernel, NSR_GRID), strict=True)}
         best_nsr = max(scores, key=scores.get)
         rows.append({"image": name, "kernel_extent_px": kernel_extent(kernel), "input": _psnr(ref, low),
                      "oracle_wiener": scores[best_nsr], "nsr": best_nsr})

@@ -177,7 +177,8 @@ class ORB(nn.Module):
 class ORSNet(nn.Module):
     """Stage 3: three ORBs at full resolution; U-Net features of stage 2 injected after each."""
 
-    def __init__(self, n: int, s_unet: int, s_ors: int, kernel_size: int, reduction: int, bias: bool, act: nn.Module, num_cab: int) -> None:
+    def __init__(self, n: int, s_unet: int, s_ors: int, kernel_size: int, reduction: int, bias: bool,
+                 act: nn.Module, num_cab: int) -> None:
         super().__init__()
         w = n + s_ors
         for i in (1, 2, 3):

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file as _st_load, save_file as _st_save
+from safetensors.torch import load_file as _st_load
+from safetensors.torch import save_file as _st_save
 
 from .arch import MPRNet
 from .variants import config_from_state_dict
@@ -115,7 +116,9 @@ def _torch_load(path: Path) -> Any:
                 "could run arbitrary code (only weights_only=True loading is allowed). Re-save it as a plain "
                 "state dict or as safetensors."
             ) from None
-        if isinstance(e, (EOFError, zipfile.BadZipFile)) or any(s in msg for s in ("PytorchStreamReader", "zip archive", "EOF", "corrupt")):
+        if isinstance(e, (EOFError, zipfile.BadZipFile)) or any(
+            s in msg for s in ("PytorchStreamReader", "zip archive", "EOF", "corrupt")
+        ):
             raise CheckpointError(f"{path} is truncated or corrupt: {first}") from None
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from None
 
@@ -177,7 +180,9 @@ def _cloned_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None)
     return sd
 
 
-def save_safetensors(model: torch.nn.Module, path: str | Path, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(
+    model: torch.nn.Module, path: str | Path, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None
+) -> None:
     """Save weights as safetensors (optionally cast, e.g. to fp16 for bundling)."""
     _st_save(_cloned_state_dict(model, dtype), str(path), metadata=metadata)
 

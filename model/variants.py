@@ -19,7 +19,9 @@ PAPER_TASKS = {"deblur": "Deblurring", "denoise": "Denoising", "derain": "Derain
 TASKS = tuple(VARIANTS)
 
 # A tiny configuration for tests and smoke runs (a few thousand parameters).
-TINY: dict[str, Any] = dict(in_c=3, out_c=3, n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1, kernel_size=3, reduction=4, bias=False)
+TINY: dict[str, Any] = dict(
+    in_c=3, out_c=3, n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1, kernel_size=3, reduction=4, bias=False
+)
 
 
 def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:

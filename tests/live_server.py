@@ -128,7 +128,9 @@ def wait_ready(server: LiveServer, timeout: float = 60) -> None:
 
 
 @contextlib.contextmanager
-def live_server(tmp_path: Path, env: dict[str, str] | None = None, weights: Path | None = None, ready_timeout: float = 60) -> Iterator[LiveServer]:
+def live_server(
+    tmp_path: Path, env: dict[str, str] | None = None, weights: Path | None = None, ready_timeout: float = 60
+) -> Iterator[LiveServer]:
     """A running server on 127.0.0.1 (ready), stopped with SIGTERM afterwards."""
     server = start_server(tmp_path, env, weights)
     try:

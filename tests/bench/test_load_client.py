@@ -73,7 +73,9 @@ CALL = Call("/restore/denoise", b"png", {"content-type": "image/png"}, 16)
 
 
 async def test_one_records_timing_and_connection_failure():
-    server, port, _ = await scripted_server([b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nserver-timing: decode;dur=2.0, queue;dur=0.5\r\n\r\n"])
+    server, port, _ = await scripted_server(
+        [b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nserver-timing: decode;dur=2.0, queue;dur=0.5\r\n\r\n"]
+    )
     async with server, RawClient() as client:
         ok = await one(client, f"http://127.0.0.1:{port}", CALL)
     assert ok.status == 200 and ok.timing == {"decode": 2.0, "queue": 0.5} and ok.pixels == 16

@@ -32,10 +32,10 @@ def _pair(hparams: dict, seed: int = 0) -> tuple[MPRNet, torch.nn.Module]:
 def _max_abs_diffs(ours: MPRNet, ref: torch.nn.Module, x: torch.Tensor) -> list[float]:
     a, b = ours(x), ref(x)
     assert len(a) == len(b) == 3
-    for ya, yb in zip(a, b):
+    for ya, yb in zip(a, b, strict=True):
         assert ya.shape == yb.shape == x.shape
         assert torch.isfinite(ya).all()
-    return [(ya - yb).abs().max().item() for ya, yb in zip(a, b)]
+    return [(ya - yb).abs().max().item() for ya, yb in zip(a, b, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_forward_any_batch_size(batch):
         singles = [model(x[i : i + 1]) for i in range(batch)]
     assert [o.shape for o in out] == [x.shape] * 3
     for i, single in enumerate(singles):  # each image is restored on its own, whatever the batch
-        for o, s in zip(out, single):
+        for o, s in zip(out, single, strict=True):
             torch.testing.assert_close(o[i : i + 1], s, rtol=0, atol=1e-6)
 
 

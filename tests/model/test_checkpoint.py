@@ -140,7 +140,7 @@ def test_save_and_reload_gives_equal_outputs(tmp_path, tiny, save):
     loaded = load_mprnet(path)
     x = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        for a, b in zip(loaded(x), tiny(x)):
+        for a, b in zip(loaded(x), tiny(x), strict=True):
             assert torch.equal(a, b)
     # the PReLU is shared again after loading, whatever the file held
     cab_acts = {id(m.body[1].weight) for m in loaded.modules() if type(m).__name__ == "CAB"}

@@ -24,7 +24,9 @@ def _write(path, array, **kw):
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     """The real command line, in a fresh interpreter (what a user sees, tracebacks included)."""
-    return subprocess.run([sys.executable, "-m", "model", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "model", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False
+    )
 
 
 def test_restore_one_file(tmp_path, tiny_checkpoint, photo):
@@ -65,7 +67,8 @@ def test_several_inputs_and_an_unreadable_image(tmp_path, tiny_checkpoint, photo
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "out"
-    rc = main(["restore", "--task", "derain", "--weights", str(tiny_checkpoint), "--device", "cpu", str(a), str(broken), "-o", str(out)])
+    rc = main(["restore", "--task", "derain", "--weights", str(tiny_checkpoint), "--device", "cpu",
+               str(a), str(broken), "-o", str(out)])
     assert rc == 1  # the good image is written, the broken one reported
     assert (out / "a.png").is_file() and not (out / "broken.png").exists()
     assert "skipped" in capsys.readouterr().err
@@ -79,7 +82,9 @@ def test_bad_weights_exit_cleanly(tmp_path, photo):
     assert proc.stderr.startswith("mprnet:") and "not found" in proc.stderr
 
 
-@pytest.mark.parametrize("content, needle", [(b"\x00" * 100, "not a checkpoint"), (b"PK\x03\x04" + b"\x00" * 60, "truncated or corrupt")])
+@pytest.mark.parametrize(
+    "content, needle", [(b"\x00" * 100, "not a checkpoint"), (b"PK\x03\x04" + b"\x00" * 60, "truncated or corrupt")]
+)
 def test_unusable_weights_are_a_message(tmp_path, photo, content, needle):
     src = _write(tmp_path / "a.png", photo[:8, :8])
     (tmp_path / "w.pth").write_bytes(content)
@@ -95,7 +100,8 @@ def test_bad_arguments_exit_cleanly(tmp_path, tiny_checkpoint):
         main(["restore", "--task", "deblur", "--weights", str(tiny_checkpoint), str(tmp_path), "-o", str(tmp_path / "o")])
     (tmp_path / "a.png").write_bytes(b"")
     with pytest.raises(SystemExit, match="tile"):
-        main(["restore", "--task", "deblur", "--weights", str(tiny_checkpoint), "--tile", "12", str(tmp_path / "a.png"), "-o", str(tmp_path / "o")])
+        main(["restore", "--task", "deblur", "--weights", str(tiny_checkpoint), "--tile", "12",
+              str(tmp_path / "a.png"), "-o", str(tmp_path / "o")])
     with pytest.raises(SystemExit) as info:
         main(["restore", "--task", "sharpen", str(tmp_path), "-o", str(tmp_path)])
     assert info.value.code == 2  # argparse: invalid choice

@@ -41,7 +41,9 @@ class Wild(nn.Module):
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-@pytest.mark.parametrize("shape", [(13, 21), (13, 21, 1), (13, 21, 2), (13, 21, 3), (13, 21, 4)], ids=["HxW", "gray", "LA", "RGB", "RGBA"])
+@pytest.mark.parametrize(
+    "shape", [(13, 21), (13, 21, 1), (13, 21, 2), (13, 21, 3), (13, 21, 4)], ids=["HxW", "gray", "LA", "RGB", "RGBA"]
+)
 def test_arrays_round_trip_exactly(identity, dtype, shape):
     image = _random(shape, dtype)
     out = _restorer(identity).restore(image)

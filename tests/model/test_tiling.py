@@ -165,7 +165,10 @@ class SpyRestorer(Restorer):
         return super().run_batch(x)
 
 
-@pytest.mark.parametrize("h, w, tile, overlap, batch", [(300, 200, 64, 16, 3), (1000, 40, 128, 32, 4), (129, 129, 128, 8, 1), (65, 700, 64, 8, 5)])
+@pytest.mark.parametrize(
+    "h, w, tile, overlap, batch",
+    [(300, 200, 64, 16, 3), (1000, 40, 128, 32, 4), (129, 129, 128, 8, 1), (65, 700, 64, 8, 5)],
+)
 def test_model_sees_only_tile_shaped_batches(identity, h, w, tile, overlap, batch):
     r = SpyRestorer(identity, device="cpu", precision="fp32", tiles=TileSettings(tile, overlap, batch))
     image = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)

@@ -51,7 +51,12 @@ class FakeModel(InferenceEngine):
     def saw(self, image: torch.Tensor) -> bool:
         """Did any batch contain an item whose top-left corner equals `image`'s?"""
         _, h, w = image.shape
-        return any(torch.equal(item[:, :h, :w], image) for b in self.batches for item in b if item.shape[1] >= h and item.shape[2] >= w)
+        return any(
+            torch.equal(item[:, :h, :w], image)
+            for b in self.batches
+            for item in b
+            if item.shape[1] >= h and item.shape[2] >= w
+        )
 
 
 def fake_models(tasks=("deblur", "derain", "denoise"), model: FakeModel | None = None) -> dict[str, TaskModel]:
@@ -70,7 +75,10 @@ test_settings.__test__ = False  # a helper, not a test
 @asynccontextmanager
 async def running(app) -> AsyncIterator[httpx.AsyncClient]:
     """The app with its lifespan running, and a client talking to it in-process."""
-    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30) as client:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30) as client,
+    ):
         yield client
 
 

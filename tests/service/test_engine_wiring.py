@@ -10,8 +10,8 @@ from pydantic import ValidationError
 
 from model.engine import Engine, MemoryUse
 from model.engine_api import InferenceEngine
-from service.metrics import Metrics
 from service.loading import StartupError, load_task
+from service.metrics import Metrics
 from service.runtime import Service
 from service.worker import DeviceWorker
 from tests.live_server import metric_value, tiny_weights

@@ -65,7 +65,8 @@ def error(r, status: int, code: str) -> None:
         (bomb_png(1000, 1000), "image/png", 413, "too_large"),  # over MPRNET_MAX_PIXELS, refused from the header
         (np.random.default_rng(0).bytes(300 * 1024), "image/png", 413, "too_large"),  # over MPRNET_MAX_UPLOAD_BYTES
     ],
-    ids=["empty", "not-image", "truncated", "corrupt", "svg", "pdf", "text-plain", "json", "bomb", "over-pixel-cap", "over-byte-cap"],
+    ids=["empty", "not-image", "truncated", "corrupt", "svg", "pdf", "text-plain", "json", "bomb",
+         "over-pixel-cap", "over-byte-cap"],
 )
 async def test_bad_input_is_a_clear_4xx(client, data, content_type, status, code):
     error(await restore(client, data, content_type), status, code)
@@ -91,8 +92,9 @@ async def test_oversized_upload_is_refused_before_the_body_is_read(client):
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/restore/denoise",
-             "raw_path": b"/restore/denoise", "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1), "server": ("test", 80),
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/restore/denoise", "raw_path": b"/restore/denoise", "root_path": "", "query_string": b"",
+             "client": ("127.0.0.1", 1), "server": ("test", 80),
              "headers": [(b"content-type", b"image/png"), (b"content-length", b"10000000000")]}
     await asyncio.wait_for(app(scope, receive, send), 10)
     assert sent[0]["status"] == 413
@@ -123,7 +125,12 @@ def png_16bit_rgb(arr: np.ndarray) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 async def test_16_bit_colour_png_is_answered_in_8_bits(client):

@@ -39,7 +39,10 @@ def post(url: str, arr: np.ndarray, task: str = "denoise", **kw) -> httpx.Respon
 def batches(server: LiveServer, task: str) -> tuple[float, float]:
     """(batches run, batches that held a single request) for `task`."""
     text = server.metrics()
-    return metric_value(text, "mprnet_batch_size_requests_count", task=task), metric_value(text, "mprnet_batch_size_requests_bucket", task=task, le="1.0")
+    return (
+        metric_value(text, "mprnet_batch_size_requests_count", task=task),
+        metric_value(text, "mprnet_batch_size_requests_bucket", task=task, le="1.0"),
+    )
 
 
 def wait_metric(server: LiveServer, predicate, what: str, timeout: float = 60) -> None:
@@ -95,7 +98,11 @@ def test_mixed_sizes_sent_at_once_are_batched_each_with_its_own_result(server):
 def test_upload_over_the_byte_cap_is_refused_before_it_is_sent(server):
     """The server answers 413 although only a sliver of a declared 10 GB body has arrived."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
-        s.sendall(b"POST /restore/denoise HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 10000000000\r\n\r\n" + b"\x89PNG" * 256)
+        s.sendall(
+            b"POST /restore/denoise HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: image/png\r\nContent-Length: 10000000000\r\n\r\n"
+            + b"\x89PNG" * 256
+        )
         head = s.recv(4096)
     assert head.startswith(b"HTTP/1.1 413"), head[:200]
 
@@ -109,10 +116,20 @@ def test_client_gone_while_queued_is_dropped_before_compute(server):
         wait_metric(server, lambda t: metric_value(t, "mprnet_queue_depth_requests", task=task) >= 1, "the big request to queue")
         body = png(rand_image(30, 30, seed=5))
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
-            s.sendall(f"POST /restore/{task} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-            wait_metric(server, lambda t: metric_value(t, "mprnet_queue_depth_requests", task=task) >= 2, "the small request to queue")
+            header = (f"POST /restore/{task} HTTP/1.1\r\nHost: x\r\n"
+                      f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n")
+            s.sendall(header.encode() + body)
+            wait_metric(
+                server,
+                lambda t: metric_value(t, "mprnet_queue_depth_requests", task=task) >= 2,
+                "the small request to queue",
+            )
         # the socket is closed: the queued request must be dropped, not computed
-        wait_metric(server, lambda t: metric_value(t, "mprnet_rejected_total", task=task, reason="disconnected") == dropped + 1, "the drop")
+        wait_metric(
+            server,
+            lambda t: metric_value(t, "mprnet_rejected_total", task=task, reason="disconnected") == dropped + 1,
+            "the drop",
+        )
         assert big.result().status_code == 200
     text = server.metrics()
     assert metric_value(text, "mprnet_requests_total", task=task, status="499") >= 1
@@ -127,9 +144,17 @@ def test_sigterm_drains_in_flight_requests_then_exits(tmp_path):
         images = [rand_image(*BIG, seed=1)] + [rand_image(24, 24, seed=s) for s in range(3)]
         with ThreadPoolExecutor(len(images)) as pool:
             answers = [pool.submit(post, server.url, img, "deblur") for img in images[:1]]
-            wait_metric(server, lambda t: metric_value(t, "mprnet_queue_depth_requests", task="deblur") >= 1, "the big request to queue")
+            wait_metric(
+                server,
+                lambda t: metric_value(t, "mprnet_queue_depth_requests", task="deblur") >= 1,
+                "the big request to queue",
+            )
             answers += [pool.submit(post, server.url, img, "deblur") for img in images[1:]]
-            wait_metric(server, lambda t: metric_value(t, "mprnet_queue_depth_requests", task="deblur") >= 4, "all requests to queue")
+            wait_metric(
+                server,
+                lambda t: metric_value(t, "mprnet_queue_depth_requests", task="deblur") >= 4,
+                "all requests to queue",
+            )
             server.proc.send_signal(15)
             ready = httpx.get(server.url + "/readyz", timeout=30)
             refused = post(server.url, images[1], "denoise")
@@ -146,12 +171,13 @@ def test_sigterm_drains_in_flight_requests_then_exits(tmp_path):
 
 def test_bad_settings_stop_start_up_naming_the_setting(tmp_path):
     env = {**os.environ, **TEST_ENV, "MPRNET_PORT": "eighty", "MPRNET_WEIGHTS_DIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    cmd = [sys.executable, "-m", "service"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "MPRNET_PORT='eighty'" in proc.stderr, proc.stderr
     broken = tmp_path / "deblur.safetensors"
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     env.update(MPRNET_PORT="8000", MPRNET_WEIGHTS_DEBLUR=str(broken), MPRNET_TASKS="deblur")
-    proc = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "MPRNET_WEIGHTS_DEBLUR" in proc.stderr and str(broken) in proc.stderr, proc.stderr
 
 
@@ -161,6 +187,7 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     # A generated X-Request-Timeout of 1e-300 s earns a correct 504 (tested above); pin it so that
     # every 5xx left is a real server error.
     cmd = [st, "run", server.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "10", "--seed", "1",
-           "--workers", "2", "--request-timeout", "60", "--generation-database", "none", "--no-color", "-H", "X-Request-Timeout: 120"]
+           "--workers", "2", "--request-timeout", "60", "--generation-database", "none", "--no-color",
+           "-H", "X-Request-Timeout: 120"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=200, check=False)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]

@@ -59,7 +59,9 @@ def unfilter(rows: np.ndarray, bpp: int) -> np.ndarray:
             b = out[y - 1, x] if y else 0
             c = out[y - 1, x - bpp] if y and x >= bpp else 0
             p = a + b - c
-            pred = [0, a, b, (a + b) // 2, a if abs(p - a) <= abs(p - b) and abs(p - a) <= abs(p - c) else (b if abs(p - b) <= abs(p - c) else c)][kind]
+            pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+            paeth = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+            pred = [0, a, b, (a + b) // 2, paeth][kind]
             out[y, x] = (line[x] + pred) % 256
     return out.astype(np.uint8)
 
@@ -105,7 +107,10 @@ def test_zlib_fallback_without_isal(monkeypatch, effort):
     assert np.array_equal(pixels, arr)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((4, 4, 5), np.uint8), np.zeros((4, 4), np.float32), np.zeros((0, 4), np.uint8), np.zeros(4, np.uint8)])
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros((4, 4, 5), np.uint8), np.zeros((4, 4), np.float32), np.zeros((0, 4), np.uint8), np.zeros(4, np.uint8)],
+)
 def test_refuses_what_it_cannot_write(bad):
     with pytest.raises(ValueError, match="encode_png"):
         png.encode_png(bad)

@@ -23,8 +23,9 @@ def refused(monkeypatch, **env) -> str:
 
 def test_settings_from_the_environment(monkeypatch, tmp_path):
     (tmp_path / "denoise.pth").write_bytes(b"x")
-    for k, v in {"MPRNET_TASKS": "denoise, deblur", "MPRNET_BUCKETS": "256, 512x384", "MPRNET_API_TOKEN": "t", "MPRNET_UI_ENABLED": "false",
-                 "MPRNET_PRECISION": "BF16", "MPRNET_WEIGHTS_DIR": str(tmp_path), "MPRNET_DEVICE": "cuda:1"}.items():
+    for k, v in {"MPRNET_TASKS": "denoise, deblur", "MPRNET_BUCKETS": "256, 512x384", "MPRNET_API_TOKEN": "t",
+                 "MPRNET_UI_ENABLED": "false", "MPRNET_PRECISION": "BF16", "MPRNET_WEIGHTS_DIR": str(tmp_path),
+                 "MPRNET_DEVICE": "cuda:1"}.items():
         monkeypatch.setenv(k, v)
     s = Settings()
     assert s.tasks == ("denoise", "deblur") and s.buckets == ((256, 256), (512, 384)) and s.precision == "bf16"

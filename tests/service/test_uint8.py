@@ -87,7 +87,8 @@ def test_uint8_images_are_padded_and_tiled_as_uint8_with_the_float_paths_pixels(
     assert torch.equal(to_uint8(back), image)
     assert back.dtype == (torch.uint8 if plan.tiles is None else torch.float32)  # tiles are blended in float
     smaller = planner.smaller(image, plan)
-    assert smaller is not None and smaller.inputs.dtype == torch.uint8 and torch.equal(to_uint8(smaller.assemble(list(smaller.inputs))), image)
+    assert smaller is not None and smaller.inputs.dtype == torch.uint8
+    assert torch.equal(to_uint8(smaller.assemble(list(smaller.inputs))), image)
 
 
 # ---------------------------------------------------------------- device worker
@@ -186,7 +187,10 @@ async def test_out_of_memory_re_plans_an_8_bit_image_into_smaller_tiles():
         r = await client.post("/restore/deblur", content=png(image), headers=RAW)
     assert r.status_code == 200, r.text
     assert np.abs(decode(r.content).astype(int) - (255 - image.astype(int))).max() == 0  # a linear model blends back exactly
-    assert [(b.shape, b.dtype) for b in model.batches[warm_up:]] == [((1, 3, 64, 64), torch.float32), ((4, 3, 32, 32), torch.float32)]
+    assert [(b.shape, b.dtype) for b in model.batches[warm_up:]] == [
+        ((1, 3, 64, 64), torch.float32),
+        ((4, 3, 32, 32), torch.float32),
+    ]
 
 
 @pytest.mark.anyio
