@@ -1,7 +1,8 @@
-"""The running service: models, batcher, device worker, codec threads, readiness and drain state, and
-the restore pipeline (`restore`, `restore_pixels`) that every protocol front-end calls.
+"""The running service: models, batcher, device worker, codec threads, warm-up, readiness and drain state.
 
-One `Service` per app (in `app.state.service`); the routes use it, the lifespan starts and stops it.
+One `Service` per app (in `app.state.service`); the routes use it, the lifespan starts and stops it. The
+restore pipeline that every protocol front-end calls (`restore`, `restore_pixels`, `restore_with`,
+`restore_many`) is service/pipeline.py's, built here with the Service's admission.
 """
 
 from __future__ import annotations
@@ -11,27 +12,24 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor
 
-from . import codec, pipeline
 from .batcher import MicroBatcher, Ticket
-from .errors import DeadlineExceeded, Draining, InferenceFailed, NotReady, ServiceError, UnknownTask
+from .errors import Draining, InferenceFailed, NotReady, ServiceError
 from .http_io import UploadBudget
 from .loading import TaskModel
 from .metrics import Metrics
-from .planner import Plan, Planner
+from .pipeline import Pipeline
+from .planner import Planner
 from .settings import MEGA, Settings
 from .worker import DeviceWorker
 
 log = logging.getLogger("service")
 _inside_admitted: contextvars.ContextVar[bool] = contextvars.ContextVar("inside_admitted", default=False)
-T = TypeVar("T")
 
 
 class Service:
@@ -71,6 +69,13 @@ class Service:
         self._idle.set()
         self._tasks: list[asyncio.Task] = []
         self.consumer_failure: ServiceError | None = None  # the batcher's consumer died: every request answers this
+        self.pipeline = Pipeline(
+            settings, self.tasks, self.planner, self.batcher, self.codec_pool, self.admitted, lambda: self.consumer_failure
+        )
+        # what the front-ends call (see service/pipeline.py)
+        self.deadline, self.in_codec_pool = self.pipeline.deadline, self.pipeline.in_codec_pool
+        self.restore, self.restore_pixels = self.pipeline.restore, self.pipeline.restore_pixels
+        self.restore_with, self.restore_many = self.pipeline.restore_with, self.pipeline.restore_many
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -221,108 +226,6 @@ class Service:
             detail = self.warm_errors.get(task, "is still warming up")
             raise NotReady(f"The {task} model {detail}; retry shortly.")
 
-    # ---- the restore pipeline ---------------------------------------------------------------
-
-    def deadline(self, arrived: float, timeout: float | None) -> float:
-        """When compute must have started: `timeout` s after `arrived` (monotonic), at most the server's limit."""
-        limit = self.settings.request_timeout_s
-        return arrived + min(timeout or limit, limit)
-
-    async def restore(
-        self, task: str, source: pipeline.Source, *, fmt: str, quality: int | None = None, arrived: float,
-        deadline: float, request_id: str = "-", gone: pipeline.Gone | None = None,
-    ) -> tuple[bytes, pipeline.Timings]:
-        """Restore one image (see `pipeline.Source`) and encode it as `fmt` (png, jpeg or webp) in the input's mode.
-
-        Raises ServiceError for every answer but success (404 unknown task, 503/429 not admitted, 4xx bad
-        image, 504 deadline, 499 client gone, 500/503 model failure); a front-end counts the refusals among them
-        with `metrics.reject(task, error)`.
-        """
-        png_effort = self.settings.png_effort
-
-        def encode(restored: Tensor, decoded: codec.Decoded) -> bytes:
-            return codec.encode(restored, decoded, fmt, quality, png_effort)
-
-        return await self.restore_with(
-            task, source, encode, arrived=arrived, deadline=deadline, request_id=request_id, gone=gone
-        )
-
-    async def restore_pixels(
-        self, task: str, source: pipeline.Source, *, arrived: float, deadline: float, request_id: str = "-",
-        gone: pipeline.Gone | None = None,
-    ) -> tuple[np.ndarray, pipeline.Timings]:
-        """Restore one image (see `pipeline.Source`) to a (H, W, 3) uint8 RGB array (alpha and 16 bits are not kept).
-        Raises as `restore`."""
-
-        def to_pixels(restored: Tensor, decoded: codec.Decoded) -> np.ndarray:
-            return pipeline.to_pixels(restored)
-
-        return await self.restore_with(
-            task, source, to_pixels, arrived=arrived, deadline=deadline, request_id=request_id, gone=gone
-        )
-
-    async def restore_with(
-        self, task: str, source: pipeline.Source, finish: Callable[[Tensor, codec.Decoded], T], *, arrived: float,
-        deadline: float, request_id: str = "-", gone: pipeline.Gone | None = None,
-    ) -> tuple[T, pipeline.Timings]:
-        """The pipeline behind `restore` and `restore_pixels`, for answers of other shapes (e.g. both pixels and a
-        file): `finish(restored, decoded)` runs in a codec thread with the (3, H, W) restored image (uint8, or float
-        in [0, 1] for 16-bit inputs) and the decoded input's metadata (for `codec.encode`); its result is returned.
-        Raises as `restore`."""
-        if task not in self.models:
-            served = ", ".join(self.tasks)
-            raise UnknownTask(f"Unknown task {task!r}; this server restores: {served}.")
-        timings = pipeline.Timings()
-        with self.admitted(task, deadline) as ticket:  # before the upload is read; a drain waits for all inside
-            # an upload's bytes count against MPRNET_MAX_INFLIGHT_UPLOAD_BYTES until it is decoded and queued
-            async with pipeline.opened(source) as image:
-                t0 = time.monotonic()
-                with self.batcher.arriving(task):
-                    decoded, plan = await self._decode_by(deadline, arrived, image)
-                    t1 = time.monotonic()
-                    timings.decode = t1 - t0
-                    if t1 >= deadline:
-                        raise DeadlineExceeded(t1 - arrived)
-                    # submitted inside `arriving`, no await between: an open batch never misses this request
-                    job = self.batcher.submit(ticket, plan, decoded.image, request_id)
-                    if self.consumer_failure is not None:  # admitted before the consumer died: nobody would run it
-                        self.batcher.cancel(job, self.consumer_failure)
-            outputs = await pipeline.outputs(job, self.batcher, gone)
-            t2 = time.monotonic()
-            result = await self.in_codec_pool(_assemble_and, finish, job.plan, outputs, decoded)
-            timings.encode = time.monotonic() - t2
-        if job.started is not None and job.finished is not None:
-            timings.queue, timings.inference = job.started - job.enqueued, job.finished - job.started
-        return result, timings
-
-    async def _decode_by(
-        self, deadline: float, arrived: float, image: bytes | np.ndarray
-    ) -> tuple[codec.Decoded, Plan]:
-        """Decode and plan in a codec thread. A request still waiting for a free thread at its deadline is
-        answered 504 then, and its decode never starts; a decode that has started runs on (within its budget)."""
-        work = self.codec_pool.submit(self._decode_and_plan, image)
-        waiting = asyncio.wrap_future(work)
-        try:
-            done, _ = await asyncio.wait({waiting}, timeout=max(0.0, deadline - time.monotonic()))
-        except asyncio.CancelledError:
-            waiting.cancel()  # and with it the decode, if it has not started
-            raise
-        if not done and work.cancel():
-            raise DeadlineExceeded(time.monotonic() - arrived)
-        return await waiting
-
-    def _decode_and_plan(self, image: bytes | np.ndarray) -> tuple[codec.Decoded, Plan]:
-        if isinstance(image, np.ndarray):
-            decoded = pipeline.from_pixels(image, self.settings.max_pixels)
-        else:
-            decoded = codec.decode(image, self.settings.max_pixels, self.settings.decode_budget_s)
-        return decoded, self.planner.plan(decoded.image)
-
-    # ---- threads ------------------------------------------------------------------------------
-
-    async def in_codec_pool(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.codec_pool, fn, *args)
-
     def describe(self) -> dict[str, Any]:
         s = self.settings
         batching = {
@@ -346,8 +249,3 @@ class Service:
             },
         }
 
-
-def _assemble_and(
-    finish: Callable[[Tensor, codec.Decoded], T], plan: Plan, outputs: list[Tensor], decoded: codec.Decoded
-) -> T:
-    return finish(plan.assemble(outputs), decoded)

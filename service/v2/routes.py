@@ -2,16 +2,14 @@
 
 Health, server and model metadata, and inference (`POST /v2/models/{task}/infer`) with the JSON tensor
 form and the binary tensor data extension. Everything behind the route is the one restore pipeline
-(`Service.restore_with`): admission and 429s, deadlines, disconnects, drain and metrics are the same as for
+(`Service.restore_many`): admission and 429s, deadlines, disconnects, drain and metrics are the same as for
 `POST /restore/{task}`. Errors are the protocol's `{"error": "<message>"}`, with the status our API gives.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any
 
@@ -266,43 +264,37 @@ async def infer(
         raise
 
 
-async def _infer(task: str, request: Request, service: Service, header_timeout: float | None) -> Response:
+async def _infer(task: str, request: Request, service: Service, timeout: float | None) -> Response:
     _model(service, task)
     s = service.settings
-    arrived = request.scope["arrived"]
-    # 503/429 before the body is read; a drain waits for the whole request
-    admission_deadline = service.deadline(arrived, header_timeout)
-    with service.admitted(task, admission_deadline) as ticket:
-        async with raw_upload(request, s.max_upload_bytes, service.uploads, admission_deadline) as (body, release):
-            header_length = request.headers.get(HEADER)
-            if _small_json(len(body), header_length):
-                call = _parse(body, header_length, s.max_batch_size)
-            else:
-                call = await service.in_codec_pool(_parse, body, header_length, s.max_batch_size)
-            ticket.close()  # from here each image is admitted (and counted in the queue's limits) on its own
-            timeouts = [t for t in (header_timeout, call.timeout_s) if t is not None]
-            deadline = service.deadline(arrived, min(timeouts) if timeouts else None)
-            # one watcher for all the request's images: the connection has one receive channel
-            watch = asyncio.ensure_future(wait_for_disconnect(request.receive))
-            try:
-                results = await _restore_all(
-                    service, task, call, arrived, deadline, request.scope["request_id"], watch, release
-                )
-            finally:
-                watch.cancel()
+    header_length = request.headers.get(HEADER)
+
+    def body(deadline: float) -> AbstractAsyncContextManager[tuple[bytes, Callable[[], None]]]:
+        return raw_upload(request, s.max_upload_bytes, service.uploads, deadline)
+
+    def parse(data: bytes) -> tuple[images.ImageCall, pipeline.Images]:
+        call = images.image_call(parse_request(data, header_length), s.max_batch_size)
+        items: list = list(call.pixels) if call.pixels is not None else list(call.files or [])
+        return call, pipeline.Images(items, _finish(call, s.png_effort), call.timeout_s)
+
+    call, results = await service.restore_many(
+        task, body, parse, parse_inline=lambda data: _small_json(len(data), header_length),
+        arrived=request.scope["arrived"], timeout=timeout, request_id=request.scope["request_id"],
+        gone=lambda: wait_for_disconnect(request.receive),
+    )
     restored = [r[0][0] for r in results] if images.wants(call, images.RESTORED) else None
     files = [r[0][1] for r in results] if images.wants(call, images.RESTORED_FILE) else None
     if restored is not None:
         images.check_pixel_output(call, [p.shape[:2] for p in restored])
     outputs = images.output_tensors(call, restored, files)
     if all(o.binary for o in outputs):  # a small JSON head and one copy of each tensor
-        body, json_length = serialize_response(task, call.id, outputs)
+        data, json_length = serialize_response(task, call.id, outputs)
     else:  # a JSON array of every pixel value, or base64 of every file: in a codec thread
-        body, json_length = await service.in_codec_pool(serialize_response, task, call.id, outputs)
+        data, json_length = await service.in_codec_pool(serialize_response, task, call.id, outputs)
     headers = {"Server-Timing": _slowest([r[1] for r in results]).server_timing()}
     if json_length is None:
-        return Response(body, media_type="application/json", headers=headers)
-    return Response(body, media_type="application/octet-stream", headers={**headers, HEADER: str(json_length)})
+        return Response(data, media_type="application/json", headers=headers)
+    return Response(data, media_type="application/octet-stream", headers={**headers, HEADER: str(json_length)})
 
 
 # A JSON part up to this size is parsed on the event loop (tens of microseconds): the binary form's JSON
@@ -315,80 +307,22 @@ def _small_json(body_size: int, header_length: str | None) -> bool:
     return size <= INLINE_JSON_BYTES
 
 
-def _parse(body: bytes, header_length: str | None, max_images: int) -> images.ImageCall:
-    return images.image_call(parse_request(body, header_length), max_images)
+Finished = tuple[np.ndarray | None, bytes | None]
 
 
-Result = tuple[tuple[np.ndarray | None, bytes | None], pipeline.Timings]
-
-
-async def _restore_all(
-    service: Service,
-    task: str,
-    call: images.ImageCall,
-    arrived: float,
-    deadline: float,
-    request_id: str,
-    watch: asyncio.Future,
-    release: Callable[[], None],
-) -> list[Result]:
-    """Every image of the call through the pipeline at once (so they batch together); the first error
-    cancels the others (dropped before compute, as for a client that went away)."""
+def _finish(call: images.ImageCall, png_effort: int) -> Callable[[Tensor, codec.Decoded], Finished]:
+    """What each restored image of `call` becomes (in a codec thread): its pixels, its file, or both."""
     pixels_wanted = images.wants(call, images.RESTORED) is not None
     file_wanted = images.wants(call, images.RESTORED_FILE)
-    png_effort = service.settings.png_effort
-    items: list = list(call.pixels) if call.pixels is not None else list(call.files or [])
-    left = [len(items)]
 
-    def finish(restored: Tensor, decoded: codec.Decoded) -> tuple[np.ndarray | None, bytes | None]:
+    def finish(restored: Tensor, decoded: codec.Decoded) -> Finished:
         pixels = pipeline.to_pixels(restored) if pixels_wanted else None
         encoded = None
         if file_wanted is not None:
             encoded = codec.encode(restored, decoded, file_wanted.format, file_wanted.quality, png_effort)
         return pixels, encoded
 
-    def source(item: np.ndarray | bytes) -> Callable[[], AbstractAsyncContextManager[np.ndarray | bytes]]:
-        @contextlib.asynccontextmanager
-        async def opened() -> AsyncIterator[np.ndarray | bytes]:
-            try:
-                yield item
-            finally:  # this image is queued (its pixels copied) or refused
-                left[0] -= 1
-                if not left[0]:
-                    release()  # the body no longer counts as an upload in MPRNET_MAX_INFLIGHT_UPLOAD_BYTES
-
-        return opened
-
-    def gone() -> Awaitable[None]:
-        return asyncio.shield(watch)
-
-    try:
-        async with asyncio.TaskGroup() as group:
-            runs = [
-                group.create_task(
-                    service.restore_with(
-                        task, source(item), finish, arrived=arrived, deadline=deadline, request_id=request_id, gone=gone
-                    )
-                )
-                for item in items
-            ]
-    except BaseExceptionGroup as eg:
-        raise _first_error(eg) from None
-    return [r.result() for r in runs]
-
-
-def _first_error(group: BaseExceptionGroup) -> BaseException:
-    """The error to answer with: the first ServiceError (a client's mistake or a refusal), else the first error."""
-    errors = list(_leaves(group))
-    return next((e for e in errors if isinstance(e, ServiceError)), errors[0])
-
-
-def _leaves(group: BaseExceptionGroup):
-    for e in group.exceptions:
-        if isinstance(e, BaseExceptionGroup):
-            yield from _leaves(e)
-        else:
-            yield e
+    return finish
 
 
 def _slowest(timings: list[pipeline.Timings]) -> pipeline.Timings:

@@ -1,10 +1,11 @@
-"""`Service.restore` / `restore_pixels` without HTTP: what a second protocol front-end relies on."""
+"""`Service.restore` / `restore_pixels` / `restore_many` without HTTP: what a protocol front-end relies on."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import io
+import threading
 import time
 
 import anyio
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from service.errors import ServiceError
-from service.pipeline import Timings
+from service.pipeline import Images, Timings
 from tests.service.conftest import decode, fake_app, png, rand_image
 
 pytestmark = pytest.mark.anyio
@@ -153,3 +154,69 @@ async def test_restore_with_hands_the_restored_image_and_the_input_metadata_to_f
         (shape, channels, fmt), _ = await service.restore_with("deblur", png(grey), both, **call(service))
         assert (tuple(shape), channels, fmt) == ((3, 12, 10), 1, "PNG")
 
+
+
+def many(service, body: bytes = b"body", **overrides) -> tuple[dict, list]:
+    """Arguments for `restore_many`, and the list of what happened: the body opened / released / closed."""
+    events: list = []
+
+    @contextlib.asynccontextmanager
+    async def opened(deadline):
+        events.append("open")
+        try:
+            yield body, lambda: events.append("release")
+        finally:
+            events.append("close")
+
+    now = time.monotonic()
+    return {"body": opened, "arrived": now, "timeout": None, "request_id": "many-1", **overrides}, events
+
+
+def finished(restored, decoded):
+    return restored.permute(1, 2, 0).numpy(), decoded.format
+
+
+@pytest.mark.parametrize("inline", [True, False])
+async def test_restore_many_parses_the_body_once_admitted_and_restores_each_image(inline):
+    async with fake_app() as (_, _, app):
+        service = app.state.service
+        grey = rand_image(6, 9, seed=12)
+        parsed_in = []
+
+        def parse(data):
+            parsed_in.append((data, threading.current_thread().name))
+            return "the call", Images([png(IMG), grey], finished)
+
+        kwargs, events = many(service)
+        call, results = await service.restore_many("derain", parse=parse, parse_inline=lambda data: inline, **kwargs)
+        assert call == "the call" and events == ["open", "release", "close"]
+        (data, thread), = parsed_in
+        assert data == b"body" and (thread == threading.current_thread().name) == inline  # else a codec thread
+        ((first, fmt), timings), ((second, raw), _) = results
+        assert (first == IMG).all() and fmt == "PNG" and (second == grey).all() and raw == "pixels"
+        assert isinstance(timings, Timings) and service.uploads.used == 0
+
+
+async def test_restore_many_answers_the_first_client_error_and_drops_the_other_images():
+    async with fake_app() as (_, model, app):
+        service = app.state.service
+        kwargs, events = many(service)
+        parse = lambda data: (None, Images([rand_image(7, 7, seed=13), b"not an image"], finished))  # noqa: E731
+        with pytest.raises(ServiceError) as e:
+            await service.restore_many("deblur", parse=parse, parse_inline=lambda data: True, **kwargs)
+        assert e.value.status == 400 and events == ["open", "release", "close"]
+        assert service.batcher.depth() == 0 and service._in_flight == 0
+
+
+async def test_restore_many_keeps_to_the_shorter_of_the_header_timeout_and_the_requests_own():
+    async with fake_app() as (_, _, app):
+        service = app.state.service
+        kwargs, events = many(service, timeout=60)
+        parse = lambda data: (None, Images([IMG], finished, timeout_s=1e-6))  # noqa: E731
+        with pytest.raises(ServiceError) as e:  # refused at the image's admission, or at its deadline
+            await service.restore_many("deblur", parse=parse, parse_inline=lambda data: True, **kwargs)
+        assert e.value.status in (429, 504) and events[0] == "open" and events[-1] == "close"
+        kwargs, _ = many(service, timeout=1e-6)
+        with pytest.raises(ServiceError) as e:  # the header's limit alone: refused before the body is opened
+            await service.restore_many("deblur", parse=parse, parse_inline=lambda data: True, **kwargs)
+        assert e.value.status == 429
