@@ -290,7 +290,9 @@ class Pipeline:
         if task not in self.tasks:
             raise UnknownTask(f"Unknown task {task!r}; this server restores: {', '.join(self.tasks)}.")
 
-    async def _decode_by(self, deadline: float, arrived: float, image: bytes | np.ndarray) -> tuple[codec.Decoded, Plan]:
+    async def _decode_by(
+        self, deadline: float, arrived: float, image: bytes | np.ndarray
+    ) -> tuple[codec.Decoded, Plan]:
         """Decode and plan in a codec thread. A request still waiting for a free thread at its deadline is
         answered 504 then, and its decode never starts; a decode that has started runs on (within its budget)."""
         work = self.codec_pool.submit(self._decode_and_plan, image)

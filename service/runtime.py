@@ -70,7 +70,8 @@ class Service:
         self._tasks: list[asyncio.Task] = []
         self.consumer_failure: ServiceError | None = None  # the batcher's consumer died: every request answers this
         self.pipeline = Pipeline(
-            settings, self.tasks, self.planner, self.batcher, self.codec_pool, self.admitted, lambda: self.consumer_failure
+            settings, self.tasks, self.planner, self.batcher, self.codec_pool,
+            admitted=self.admitted, failure=lambda: self.consumer_failure,
         )
         # what the front-ends call (see service/pipeline.py)
         self.deadline, self.in_codec_pool = self.pipeline.deadline, self.pipeline.in_codec_pool

@@ -27,6 +27,7 @@ from ..middleware import printable
 from ..routes import Authorized, ServiceDep
 from ..runtime import Service
 from . import images
+from .openapi import INFER_BODY, INFERRED, errors
 from .protocol import HEADER, parse_request, serialize_response
 
 log = logging.getLogger("service")
@@ -62,27 +63,6 @@ class V2Route(APIRoute):
         return route
 
 
-_ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
-_ERROR_TEXT = {
-    400: "Bad tensor (datatype, shape, byte count, base64, binary framing), parameter or image file",
-    401: "Missing or wrong bearer token",
-    404: "Unknown model",
-    408: "The body stopped arriving (idle) or was still arriving at the deadline",
-    413: "Body or image over the limit",
-    415: "Unsupported image format",
-    422: "Invalid header value",
-    429: "Queue full, or too many uploads being received at once; see Retry-After",
-    499: "The client went away before the answer",
-    500: "Internal error (logged with the request id)",
-    503: "Not ready, draining, or out of device memory; see Retry-After",
-    504: "Deadline passed before processing started",
-}
-
-
-def _errors(*statuses: int) -> dict[int | str, dict]:
-    return {s: {"description": _ERROR_TEXT[s], "content": {"application/json": {"schema": _ERROR}}} for s in statuses}
-
-
 router = APIRouter(prefix="/v2", route_class=V2Route, tags=["Open Inference Protocol (KServe v2)"])
 ModelName = Annotated[str, Path(description="The model: a task this server restores (deblur, derain, denoise)")]
 
@@ -95,7 +75,7 @@ def _model(service: Service, task: str) -> None:
 # ---- health and metadata -------------------------------------------------------------------------
 
 
-@router.get("", summary="Server metadata", responses=_errors(500))
+@router.get("", summary="Server metadata", responses=errors(500))
 async def server_metadata(request: Request) -> dict[str, Any]:
     """The server's name, version and protocol extensions."""
     return {"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS}
@@ -122,7 +102,7 @@ async def server_ready(service: ServiceDep) -> JSONResponse:
 @router.get(
     "/models/{task}/ready",
     summary="Model readiness",
-    responses={**_errors(404), 503: {"description": "Warming up or draining"}},
+    responses={**errors(404), 503: {"description": "Warming up or draining"}},
 )
 async def model_ready(task: ModelName, service: ServiceDep) -> JSONResponse:
     """200 `{"name", "ready": true}` when the model is warm and the server not draining; else 503."""
@@ -133,7 +113,7 @@ async def model_ready(task: ModelName, service: ServiceDep) -> JSONResponse:
     )
 
 
-@router.get("/models/{task}", dependencies=Authorized, summary="Model metadata", responses=_errors(401, 404))
+@router.get("/models/{task}", dependencies=Authorized, summary="Model metadata", responses=errors(401, 404))
 async def model_metadata(task: ModelName, service: ServiceDep) -> dict[str, Any]:
     """The model's tensors (-1: any size), its platform, and our own fields: configuration, weights and engine."""
     _model(service, task)
@@ -161,86 +141,8 @@ def _platform(engine: dict) -> str:
 
 # ---- inference -----------------------------------------------------------------------------------
 
-_TENSOR = {
-    "type": "object",
-    "required": ["name", "shape", "datatype"],
-    "properties": {
-        "name": {"type": "string", "enum": list(images.INPUTS)},
-        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-        "datatype": {"type": "string", "enum": ["UINT8", "BYTES"]},
-        "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}},
-        "data": {
-            "type": "array",
-            "description": "UINT8: integers 0-255, row-major (flat or nested); BYTES: base64 strings",
-        },
-    },
-}
-_INFER_REQUEST = {
-    "type": "object",
-    "required": ["inputs"],
-    "properties": {
-        "id": {"type": "string"},
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "binary_data_output": {"type": "boolean"},
-                "timeout": {"type": "integer", "description": "Microseconds before compute must start"},
-                "format": {"type": "string", "enum": list(images.FILE_FORMATS)},
-                "quality": {"type": "integer", "minimum": 1, "maximum": 100},
-            },
-        },
-        "inputs": {"type": "array", "items": _TENSOR, "minItems": 1, "maxItems": 1},
-        "outputs": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["name"],
-                "properties": {
-                    "name": {"type": "string", "enum": list(images.OUTPUTS)},
-                    "parameters": {"type": "object"},
-                },
-            },
-        },
-    },
-}
-_BINARY_BODY = {
-    "type": "string",
-    "format": "binary",
-    "description": f"The JSON request, then the binary tensors; `{HEADER}` says where the JSON ends",
-}
-_INFER_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": images.__doc__,
-        "content": {
-            "application/json": {"schema": _INFER_REQUEST},
-            "application/octet-stream": {"schema": _BINARY_BODY},
-        },
-    },
-    "parameters": [
-        {
-            "name": HEADER,
-            "in": "header",
-            "required": False,
-            "schema": {"type": "integer", "minimum": 0},
-            "description": "Length of the JSON part of a body with binary tensors",
-        },
-    ],
-}
-_INFERRED = {
-    200: {
-        "description": f"The inference response: JSON, or JSON then binary tensors ({HEADER}: the JSON's length)",
-        "content": {
-            "application/json": {"schema": {"type": "object"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        },
-    },
-    **_errors(400, 401, 404, 408, 413, 415, 422, 429, 499, 500, 503, 504),
-}
-
-
 @router.post(
-    "/models/{task}/infer", dependencies=Authorized, summary="Inference", responses=_INFERRED, openapi_extra=_INFER_BODY
+    "/models/{task}/infer", dependencies=Authorized, summary="Inference", responses=INFERRED, openapi_extra=INFER_BODY
 )
 async def infer(
     task: ModelName,
