@@ -105,3 +105,73 @@ def test_benchmark_degrade_is_deterministic():
         assert np.array_equal(D.benchmark_degrade(task, img, 3), D.benchmark_degrade(task, img, 3))
     with pytest.raises(ValueError):
         D.degrade("dehaze", img, np.random.default_rng(0))
+
+
+def test_family_rain_stays_in_range_and_only_brightens_without_haze():
+    img = np.random.default_rng(0).random((64, 64, 3), dtype=np.float32)
+    for seed in range(30):
+        rainy = D.family_rain(img, np.random.default_rng(seed), haze=0.0)
+        assert rainy.shape == img.shape and rainy.dtype == np.float32
+        assert np.all(rainy >= img - 1e-6) and rainy.max() <= 1.0
+    hazy = D.family_rain(img, np.random.default_rng(0), haze=1.0)
+    assert hazy.min() > 0.02  # a grey veil lifts the blacks
+
+
+def test_derain_training_draws_the_family_and_the_evaluation_keeps_the_spec():
+    img = np.random.default_rng(0).random((48, 48, 3), dtype=np.float32)
+    assert np.array_equal(D.degrade("derain", img, np.random.default_rng(5)), D.family_rain(img, np.random.default_rng(5)))
+    assert np.array_equal(D.benchmark_degrade("derain", img, 5), D.random_rain(img, np.random.default_rng(5)))
+    with pytest.raises(ValueError, match="rain renderer"):
+        D.benchmark_degrade("derain", img, 5, rain="other")
+
+
+def _edge_ratio(layer: np.ndarray) -> float:
+    """Mean absolute horizontal step over mean brightness: high for sharp lines, low for soft ones."""
+    return float(np.abs(np.diff(layer, axis=1)).mean() / max(layer.mean(), 1e-9))
+
+
+def test_every_family_profile_draws_visible_streaks_and_hard_ones_are_sharpest():
+    ratios = {}
+    for profile in D.RAIN_PROFILES:
+        layers = [D.family_rain_layer((96, 96), np.random.default_rng(s), profiles=(profile,)) for s in range(12)]
+        assert all(0.0 <= la.min() and la.max() <= 1.0 for la in layers)
+        assert np.mean([la.max() for la in layers]) > 0.25 and np.mean([(la > 0.05).mean() for la in layers]) > 0.01
+        ratios[profile] = np.mean([_edge_ratio(la) for la in layers])
+    assert ratios["hard"] > ratios["blurred"]
+
+
+def test_family_covers_denser_rain_than_the_spec():
+    spec = [(D.rain_layer((96, 96), np.random.default_rng(s)) > 0.1).mean() for s in range(40)]
+    fam = [(D.family_rain_layer((96, 96), np.random.default_rng(s)) > 0.1).mean() for s in range(40)]
+    assert max(fam) > max(spec) * 0.8 and np.percentile(fam, 90) > np.percentile(spec, 50)
+
+
+def test_heldout_renderer_follows_the_spec():
+    from model.training import heldout_rain as H
+
+    img = np.random.default_rng(0).random((96, 96, 3), dtype=np.float32)
+    for seed in range(10):
+        rainy = H.heldout_rain(img, np.random.default_rng(seed))
+        assert np.all(rainy >= img - 1e-6) and rainy.max() <= 1.0 and (rainy - img).max() > 0.2
+        assert np.array_equal(rainy, D.benchmark_degrade("derain", img, seed, rain="heldout"))
+        layer = H.heldout_layer((128, 128), np.random.default_rng(seed))
+        gy, gx = np.gradient(layer)
+        jxx, jyy, jxy = (gx * gx).sum(), (gy * gy).sum(), (gx * gy).sum()
+        assert abs(0.5 * np.degrees(np.arctan2(2 * jxy, jxx - jyy))) <= 32.0  # streaks within 30 degrees of vertical
+
+
+def test_heldout_renderer_shares_no_code_with_training():
+    import ast
+    import inspect
+
+    from model.training import data, heldout_rain
+
+    def imports(module) -> set[str]:
+        tree = ast.parse(inspect.getsource(module))
+        return {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    assert not {m for m in imports(heldout_rain) if "degrade" in m or "data" in m or m.startswith(".")}
+    assert not {m for m in imports(data) if "heldout" in m}
+    training_draw = (D.degrade, D.family_rain, D.family_rain_layer, D._family_streaks)
+    assert not [f.__name__ for f in training_draw if "heldout" in inspect.getsource(f)]
