@@ -2,7 +2,8 @@
 
 Images: paired folders (`--pairs`, layouts as in model/training/data.py), clean folders (`--clean`) or, by
 default, the held-out scikit-image photos, degraded by ``benchmark_degrade`` with a fixed seed
-per image (denoise: sigma 25). Degraded inputs and all outputs are rounded to 8 bits before
+per image (denoise: sigma 25; derain: `--rain heldout` draws the rain with the separately written
+renderer of model/training/heldout_rain.py instead of the spec's). Degraded inputs and all outputs are rounded to 8 bits before
 scoring, as they would be when written to image files.
 
 Metrics (on the 0-255 scale, peak 255): PSNR and SSIM on RGB, and on the Y channel of ITU-R
@@ -97,8 +98,10 @@ def model_restorer(model: torch.nn.Module, device: str = "cpu", precision: str =
     return run
 
 
-def load_set(task: str, pairs: str | None = None, clean: str | None = None, crop: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, degraded, target) triples; the degraded image is already on the 8-bit grid."""
+def load_set(task: str, pairs: str | None = None, clean: str | None = None, crop: int = 0,
+             rain: str = "spec") -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, degraded, target) triples; the degraded image is already on the 8-bit grid. `rain` picks the
+    derain renderer for clean images: the spec's or the separately written held-out one."""
     if pairs:
         items = [(a.name, load_image(a), load_image(b)) for a, b in find_pairs(pairs)]
     else:
@@ -107,7 +110,7 @@ def load_set(task: str, pairs: str | None = None, clean: str | None = None, crop
         for i, f in enumerate(files):
             ref = load_image(f)
             ref = ref[:crop, :crop] if crop else ref
-            items.append((f.name, benchmark_degrade(task, ref, EVAL_SEED + i), ref))
+            items.append((f.name, benchmark_degrade(task, ref, EVAL_SEED + i, rain=rain), ref))
     if crop and pairs:
         items = [(n, a[:crop, :crop], b[:crop, :crop]) for n, a, b in items]
     if not items:
@@ -148,7 +151,7 @@ def _main(args: argparse.Namespace) -> int:
     from ..checkpoint import load_mprnet
 
     weights = Path(args.weights) if args.weights else bundled_weights(args.task)
-    items = load_set(args.task, args.pairs, args.clean, args.crop)
+    items = load_set(args.task, args.pairs, args.clean, args.crop, rain=args.rain)
     result = evaluate(args.task, model_restorer(load_mprnet(weights), args.device), items, with_baseline=not args.no_baseline)
     result["weights"] = str(weights)
     table = f"{args.task}: PSNR (dB) / SSIM, mean over {len(items)} images\n\n" + markdown(result)
@@ -168,6 +171,8 @@ def register_cli(sub) -> None:
     p.add_argument("--clean", help="folder of clean images, degraded with a fixed seed (default: held-out photos)")
     p.add_argument("--crop", type=int, default=0, help="evaluate only the top-left crop of this size (0: whole images)")
     p.add_argument("--no-baseline", action="store_true", help="skip the classical baseline")
+    p.add_argument("--rain", default="spec", choices=["spec", "heldout"], help="derain: draw the rain with the spec's "
+                   "renderer (what training's old single renderer drew) or the separately written held-out one")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="write the full results as JSON here")
     p.add_argument("--markdown", help="write the markdown table here")

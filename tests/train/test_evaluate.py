@@ -67,3 +67,19 @@ def test_cli_writes_json_and_markdown(tmp_path):
     result = json.loads((tmp_path / "r.json").read_text())
     assert set(result["mean"]) == {"input", "baseline", "model"} and len(result["images"]) == 3
     assert "MPRNet RGB" in (tmp_path / "r.md").read_text()
+
+
+def test_rain_option_picks_the_heldout_renderer(tmp_path):
+    from model.training.heldout_rain import heldout_rain
+    from model.training.evaluate import EVAL_SEED
+
+    spec, heldout = load_set("derain", crop=48)[0], load_set("derain", crop=48, rain="heldout")[0]
+    assert np.array_equal(spec[2], heldout[2]) and not np.array_equal(spec[1], heldout[1])
+    assert np.array_equal(heldout[1], quantize(heldout_rain(heldout[2], np.random.default_rng(EVAL_SEED))))
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.safetensors"
+    save_safetensors(MPRNet(**TINY), weights, dtype=torch.float16)
+    assert main(["evaluate", "--task", "derain", "--weights", str(weights), "--crop", "32", "--rain", "heldout",
+                 "--no-baseline", "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["mean"]["input"]["psnr"] == pytest.approx(
+        np.mean([scores(low, ref)["psnr"] for _, low, ref in load_set("derain", crop=32, rain="heldout")]))
