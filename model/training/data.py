@@ -28,7 +28,8 @@ TARGET_DIRS = ("target", "groundtruth", "gt", "sharp", "clean", "norain", "hq", 
 
 # scikit-image's bundled photographs with a stated free licence (see model/weights/*.md).
 # motorcycle_left/right (Middlebury 2014) are left out: their page states no licence.
-TRAIN_PHOTOS = ("astronaut.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "brick.png", "grass.png", "gravel.png")
+TRAIN_PHOTOS = ("astronaut.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "brick.png",
+                "grass.png", "gravel.png")
 HOLDOUT_PHOTOS = ("coffee.png", "chelsea.png", "rocket.jpg")  # never trained on; validation and evaluation
 
 
@@ -125,7 +126,7 @@ class PairedPatches:
         if not pairs:
             raise ValueError("no (degraded, target) pairs found")
         self.pairs = [(load_image(a), load_image(b)) for a, b in pairs]
-        for (a, b), (pa, _) in zip(self.pairs, pairs):
+        for (a, b), (pa, _) in zip(self.pairs, pairs, strict=True):
             if a.shape != b.shape:
                 raise ValueError(f"{pa}: degraded {a.shape} and target {b.shape} differ in size")
             if min(a.shape[:2]) < patch:
@@ -141,7 +142,7 @@ class PairedPatches:
 
 def batch(source: SyntheticPatches | PairedPatches, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(degraded, target) tensors of shape (size, 3, P, P), float32 in [0, 1]."""
-    lows, highs = zip(*(source.sample(rng) for _ in range(size)))
+    lows, highs = zip(*(source.sample(rng) for _ in range(size)), strict=True)
     to_t = lambda xs: torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()  # noqa: E731
     return to_t(lows), to_t(highs)
 

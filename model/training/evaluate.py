@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from skimage.metrics import structural_similarity
 
+from ..variants import TASKS
 from .data import HOLDOUT_PHOTOS, find_pairs, list_images, load_image, skimage_photo_dir
 from .degrade import benchmark_degrade
-from ..variants import TASKS
 
 EVAL_SEED = 1000  # image i of a clean set is degraded with seed EVAL_SEED + i
 METHODS = ("input", "baseline", "model")
@@ -39,9 +40,20 @@ def quantize(img: np.ndarray) -> np.ndarray:
     return (np.round(np.clip(img, 0.0, 1.0) * 255.0) / 255.0).astype(np.float32)
 
 
+def psnr(out: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, peak: float = 1.0) -> float:
+    """PSNR in dB of two images on the same scale whose white is `peak` (arrays or tensors, computed in float64;
+    identical images score 10 log10(peak^2 / 1e-12 peak^2) = 120 dB rather than infinity)."""
+    a, b = (x.detach().cpu().double().numpy() if torch.is_tensor(x) else np.asarray(x, np.float64) for x in (out, ref))
+    mse = float(np.mean((a - b) ** 2))
+    return 10.0 * math.log10(peak**2 / max(mse, 1e-12 * peak**2))
+
+
 def to_y(img: np.ndarray) -> np.ndarray:
     """RGB [0, 1] -> BT.601 luma on the 0-255 scale (16-235), as MATLAB's rgb2ycbcr."""
     return 16.0 + img @ np.array([65.481, 128.553, 24.966], dtype=np.float64)
+
+
+_SSIM = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)  # as the papers' MATLAB SSIM
 
 
 def scores(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -49,10 +61,10 @@ def scores(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     out64, ref64 = out.astype(np.float64), ref.astype(np.float64)
     y_out, y_ref = to_y(out64), to_y(ref64)
     return {
-        "psnr": float(peak_signal_noise_ratio(ref64, out64, data_range=1.0)),
-        "ssim": float(structural_similarity(ref64, out64, data_range=1.0, channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)),
-        "psnr_y": float(peak_signal_noise_ratio(y_ref, y_out, data_range=255.0)),
-        "ssim_y": float(structural_similarity(y_ref, y_out, data_range=255.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)),
+        "psnr": psnr(out64, ref64),
+        "ssim": float(structural_similarity(ref64, out64, data_range=1.0, channel_axis=2, **_SSIM)),
+        "psnr_y": psnr(y_out, y_ref, peak=255.0),
+        "ssim_y": float(structural_similarity(y_ref, y_out, data_range=255.0, **_SSIM)),
     }
 
 
@@ -73,12 +85,14 @@ def baseline(task: str) -> Restore:
     if task == "denoise":
         def nlm(img: np.ndarray) -> np.ndarray:
             sigma = estimate_noise(img)
-            return denoise_nl_means(img, h=0.8 * sigma, sigma=sigma, fast_mode=True, patch_size=5, patch_distance=6, channel_axis=-1)
+            return denoise_nl_means(img, h=0.8 * sigma, sigma=sigma, fast_mode=True, patch_size=5, patch_distance=6,
+                                    channel_axis=-1)
         return nlm
     if task == "deblur":
         # Per channel on contiguous float64 copies: called on strided float32 channel views,
         # scikit-image 0.2x returned sporadic NaNs here.
-        return lambda img: np.stack([unsharp_mask(np.ascontiguousarray(img[..., c], dtype=np.float64), radius=2, amount=1.0) for c in range(3)], axis=-1)
+        return lambda img: np.stack([unsharp_mask(np.ascontiguousarray(img[..., c], dtype=np.float64), radius=2, amount=1.0)
+                                     for c in range(3)], axis=-1)
     if task == "derain":
         square = np.ones((5, 5), bool)
         return lambda img: np.stack([median(img[..., c], footprint=square) for c in range(3)], axis=-1)
@@ -118,7 +132,8 @@ def load_set(task: str, pairs: str | None = None, clean: str | None = None, crop
     return [(n, quantize(a), b) for n, a, b in items]
 
 
-def evaluate(task: str, restore: Restore | None, items: Sequence[tuple[str, np.ndarray, np.ndarray]], with_baseline: bool = True) -> dict:
+def evaluate(task: str, restore: Restore | None, items: Sequence[tuple[str, np.ndarray, np.ndarray]],
+             with_baseline: bool = True) -> dict:
     """Per-image and mean scores of the input, the baseline and the model (when given)."""
     methods: dict[str, Restore] = {"input": lambda x: x}
     if with_baseline:
@@ -171,8 +186,9 @@ def register_cli(sub) -> None:
     p.add_argument("--clean", help="folder of clean images, degraded with a fixed seed (default: held-out photos)")
     p.add_argument("--crop", type=int, default=0, help="evaluate only the top-left crop of this size (0: whole images)")
     p.add_argument("--no-baseline", action="store_true", help="skip the classical baseline")
-    p.add_argument("--rain", default="spec", choices=["spec", "heldout"], help="derain: draw the rain with the spec's "
-                   "renderer (what training's old single renderer drew) or the separately written held-out one")
+    p.add_argument("--rain", default="spec", choices=["spec", "heldout", "heldout-thin"],
+                   help="derain: draw the rain with the spec's renderer (what training's old single renderer drew) or "
+                   "the separately written held-out one (-thin: only its dense 1-px streaks)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="write the full results as JSON here")
     p.add_argument("--markdown", help="write the markdown table here")

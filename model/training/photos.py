@@ -54,8 +54,10 @@ class WheelPhoto:
 EXTRA_PHOTOS: tuple[WheelPhoto, ...] = (
     WheelPhoto("china", "scikit-learn==1.9.1", "sklearn/datasets/images/china.jpg", "CC BY 2.0, danielbuechele (Flickr)"),
     WheelPhoto("flower", "scikit-learn==1.9.1", "sklearn/datasets/images/flower.jpg", "CC BY 2.0, vultilion (Flickr)"),
-    WheelPhoto("grace_hopper", "matplotlib==3.11.2", "matplotlib/mpl-data/sample_data/grace_hopper.jpg", "public domain (US Navy)"),
-    WheelPhoto("face", "scipy==1.9.3", "scipy/misc/face.dat", "public domain (public-domain-image.com)", raw_shape=(768, 1024, 3)),
+    WheelPhoto("grace_hopper", "matplotlib==3.11.2", "matplotlib/mpl-data/sample_data/grace_hopper.jpg",
+               "public domain (US Navy)"),
+    WheelPhoto("face", "scipy==1.9.3", "scipy/misc/face.dat", "public domain (public-domain-image.com)",
+               raw_shape=(768, 1024, 3)),
 )
 
 
@@ -75,7 +77,8 @@ def extract(wheel: Path, photo: WheelPhoto) -> Image.Image:
 def download_wheel(requirement: str, into: Path) -> Path:
     """`pip download` one wheel (no dependencies) into `into`; returns its path."""
     before = set(into.glob("*.whl"))
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest", str(into), requirement]
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest", str(into),
+           requirement]
     subprocess.run(cmd, check=True)
     new = sorted(set(into.glob("*.whl")) - before) or sorted(into.glob(f"{requirement.split('==')[0].replace('-', '_')}*.whl"))
     if not new:
@@ -147,7 +150,8 @@ DEB_PHOTOS: tuple[DebPhoto, ...] = (
     _lomiri("lomiri-wallpapers-16.04", "sunset_by_Aitzol_Berasategi.jpg", "CC-BY-4.0"),
     _lomiri("lomiri-wallpapers-20.04", "Infinite-Sea_by_Aury88.jpg", "CC-BY-SA-3.0"),
     _lomiri("lomiri-wallpapers-20.04", "Kleiber_by_Lukas_Baubkus.jpg", "CC-BY-SA-3.0"),
-    *(DebPhoto(f"lxqt_{file.rsplit('.', 1)[0].lower().replace('-', '_')}", "lxqt-themes", _LXQT + file, _LXQT_LICENCE, author)
+    *(DebPhoto(f"lxqt_{file.rsplit('.', 1)[0].lower().replace('-', '_')}", "lxqt-themes", _LXQT + file, _LXQT_LICENCE,
+               author)
       for file, author in (("Butterfly-Kenneth-Wimer.jpg", "Kenneth Wimer"), ("Valendas.png", "LXQt team"),
                            ("after-the-rain.jpg", "LXQt team"), ("appleflower.png", "LXQt team"),
                            ("beam.png", "LXQt team"), ("butterfly.png", "LXQt team"), ("cloud.png", "LXQt team"),

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,9 @@ import torch
 
 from ..arch import MPRNet
 from ..checkpoint import CheckpointError, read_state_dict, save_safetensors
+from ..inference import resolve_device
+from ..tiling import pad_to_multiple
+from ..variants import TASKS, config_from_state_dict
 from .data import (
     HOLDOUT_PHOTOS,
     TRAIN_PHOTOS,
@@ -38,9 +42,8 @@ from .data import (
     multiscale,
 )
 from .degrade import benchmark_degrade
+from .evaluate import psnr
 from .losses import mprnet_loss
-from ..tiling import pad_to_multiple
-from ..variants import TASKS, config_from_state_dict
 
 VAL_SEED = 20210101  # validation images are degraded once, identically in every run
 
@@ -50,12 +53,6 @@ def lr_at(progress: float, step: int, args: argparse.Namespace) -> float:
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     return args.lr_min + 0.5 * (args.lr - args.lr_min) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    """PSNR in dB of images in [0, 1] (peak 1, i.e. 255 on the 8-bit scale)."""
-    mse = torch.mean((x.float() - y.float()) ** 2).item()
-    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:
@@ -72,7 +69,8 @@ def validation_set(args: argparse.Namespace, rain: str = "spec") -> list[tuple[t
     (derain: by the `rain` renderer, see degrade.benchmark_degrade)."""
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()  # noqa: E731
     if args.val_pairs:
-        return [(to_t(center_crop(load_image(a), args.val_crop)), to_t(center_crop(load_image(b), args.val_crop))) for a, b in find_pairs(args.val_pairs)]
+        crop = lambda path: to_t(center_crop(load_image(path), args.val_crop))  # noqa: E731
+        return [(crop(a), crop(b)) for a, b in find_pairs(args.val_pairs)]
     clean = [load_image(p) for p in list_images(args.val_clean)] if args.val_clean else load_photos(HOLDOUT_PHOTOS)
     clean = [center_crop(c, args.val_crop) for c in clean]
     # Repeat r degrades every image again with seeds VAL_SEED + i + 1000 r: more blur kernels / rain
@@ -129,11 +127,13 @@ def save_checkpoint(path: Path, model, opt, step: int, best: float, elapsed: flo
 
 
 def export(model: MPRNet, path: Path, args, step: int, best: float, elapsed: float) -> None:
-    meta = {"task": args.task, "step": str(step), "val_psnr": f"{best:.3f}", "train_seconds": f"{elapsed:.0f}", "config": json.dumps(model_config(args))}
+    meta = {"task": args.task, "step": str(step), "val_psnr": f"{best:.3f}", "train_seconds": f"{elapsed:.0f}",
+            "config": json.dumps(model_config(args))}
     save_safetensors(model, path, dtype=torch.float16, metadata=meta)
 
 
-def train_step(model: MPRNet, opt: torch.optim.Optimizer, low: torch.Tensor, high: torch.Tensor, autocast, clip: float = 0.0) -> float:
+def train_step(model: MPRNet, opt: torch.optim.Optimizer, low: torch.Tensor, high: torch.Tensor, autocast,
+               clip: float = 0.0) -> float:
     """One optimisation step on a (B, 3, P, P) batch; returns the loss (the paper's, fp32)."""
     with autocast:
         outputs = model(low)
@@ -146,87 +146,121 @@ def train_step(model: MPRNet, opt: torch.optim.Optimizer, low: torch.Tensor, hig
     return loss.item()
 
 
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint so --resume continues from it."""
+
+    step: int = 0
+    best: float = -math.inf  # best validation PSNR so far (the spec's renderer for derain)
+    elapsed: float = 0.0  # wall-clock seconds of training, across resumes
+
+
+def build_model(args: argparse.Namespace, resuming: bool, device: torch.device) -> tuple[MPRNet, torch.optim.Optimizer]:
+    """A fresh model (or, with --init and not resuming, the weights file's, with its widths) and its Adam."""
+    if args.init and not resuming:
+        init_from(args)
+    model = MPRNet(**model_config(args)).to(device)
+    if args.init and not resuming:
+        model.load_state_dict(read_state_dict(args.init), strict=True)
+    return model, torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def resume_from(last: Path, model: MPRNet, opt, rng: np.random.Generator, args: argparse.Namespace) -> Progress:
+    """Load model, optimizer and RNG states from `last`; returns the saved progress."""
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    if json.loads(state["config"]) != model_config(args):
+        raise SystemExit(f"mprnet train: {last} has widths {state['config']}, not {model_config(args)}")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    rng.bit_generator.state = json.loads(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return Progress(int(state["step"]), float(state["best_psnr"]), float(state["elapsed_s"]))
+
+
+class Validator:
+    """Scores the model on the validation set(s), keeps the best checkpoint and export, writes last.pt and
+    one log line per call. Derain also scores rain from the separately written renderer (logged only)."""
+
+    def __init__(self, args: argparse.Namespace, out: Path, device: torch.device) -> None:
+        self.args, self.out, self.device = args, out, device
+        self.val = validation_set(args)
+        held_out = args.task == "derain" and not args.val_pairs
+        self.val_heldout = validation_set(args, rain="heldout") if held_out else None
+        self.log = open(out / "log.jsonl", "a")
+
+    def __call__(self, model: MPRNet, opt, progress: Progress, rng: np.random.Generator, record: dict) -> float:
+        val_psnr = validate(model, self.val, self.device)
+        if val_psnr > progress.best:
+            progress.best = val_psnr
+            save_checkpoint(self.out / "best.pt", model, opt, progress.step, val_psnr, progress.elapsed, rng, self.args)
+            export(model, self.out / "best.safetensors", self.args, progress.step, val_psnr, progress.elapsed)
+        save_checkpoint(self.out / "last.pt", model, opt, progress.step, progress.best, progress.elapsed, rng,
+                        self.args)
+        record = {"step": progress.step, **record, "val_psnr": round(val_psnr, 3), "best": round(progress.best, 3),
+                  "elapsed_s": round(progress.elapsed, 1)}
+        if self.val_heldout:
+            record["val_heldout_psnr"] = round(validate(model, self.val_heldout, self.device), 3)
+        self.log.write(json.dumps(record) + "\n")
+        self.log.flush()
+        if not self.args.quiet:
+            from tqdm import tqdm
+
+            tqdm.write(json.dumps(record))  # also when the bar is hidden (not a terminal): a readable nohup log
+        return val_psnr
+
+    def close(self) -> None:
+        self.log.close()
+
+
 def train(args: argparse.Namespace) -> dict:
     """Run (or resume) training; returns {"step", "best_psnr", "elapsed_s"}."""
     from tqdm import tqdm
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"mprnet train: {e}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    if args.init and not (args.resume and (out / "last.pt").exists()):
-        init_from(args)
-    model = MPRNet(**model_config(args)).to(device)
-    if args.init and not (args.resume and (out / "last.pt").exists()):
-        model.load_state_dict(read_state_dict(args.init), strict=True)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-    step, best, elapsed = 0, -math.inf, 0.0
-    last = out / "last.pt"
-    if args.resume and last.exists():
-        state = torch.load(last, map_location="cpu", weights_only=True)
-        if json.loads(state["config"]) != model_config(args):
-            raise SystemExit(f"mprnet train: {last} has widths {state['config']}, not {model_config(args)}")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, best, elapsed = int(state["step"]), float(state["best_psnr"]), float(state["elapsed_s"])
-        rng.bit_generator.state = json.loads(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-    source, val = train_source(args), validation_set(args)
-    # Derain also scores a second renderer that training never draws from (logged, not used to pick checkpoints).
-    val_heldout = validation_set(args, rain="heldout") if args.task == "derain" and not args.val_pairs else None
+    resuming = args.resume and (out / "last.pt").exists()
+    model, opt = build_model(args, resuming, device)
+    progress = resume_from(out / "last.pt", model, opt, rng, args) if resuming else Progress()
+    source, validator = train_source(args), Validator(args, out, device)
     budget = args.max_minutes * 60.0 if args.max_minutes else math.inf
-    start = time.monotonic() - elapsed  # wall clock counts across resumes
+    start = time.monotonic() - progress.elapsed  # wall clock counts across resumes
     # bf16 autocast: always on CUDA; on CPUs with AVX512-BF16/AMX it also halves the step time.
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    log = open(out / "log.jsonl", "a")
-    bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, mininterval=5.0, disable=args.quiet or None)
-    ema, val_psnr = None, best
+    bar = tqdm(total=args.steps, initial=progress.step, dynamic_ncols=True, mininterval=5.0, disable=args.quiet or None)
+    ema, val_psnr, validated = math.nan, progress.best, progress.step
     model.train()
-    while step < args.steps:
-        elapsed = time.monotonic() - start
-        if elapsed >= budget:
+    while progress.step < args.steps:
+        progress.elapsed = time.monotonic() - start
+        if progress.elapsed >= budget:
             break
-        progress = max(step / args.steps, elapsed / budget)
+        lr = lr_at(max(progress.step / args.steps, progress.elapsed / budget), progress.step, args)
         for g in opt.param_groups:
-            g["lr"] = lr_at(progress, step, args)
+            g["lr"] = lr
         low, high = batch(source, args.batch, rng)
-        loss = train_step(model, opt, low.to(device, non_blocking=True), high.to(device, non_blocking=True), autocast, args.clip)
-        step += 1
-        ema = loss if ema is None else 0.98 * ema + 0.02 * loss
+        low, high = low.to(device, non_blocking=True), high.to(device, non_blocking=True)
+        loss = train_step(model, opt, low, high, autocast, args.clip)
+        progress.step += 1
+        ema = loss if math.isnan(ema) else 0.98 * ema + 0.02 * loss
         bar.update(1)
-        if step % args.val_every == 0 or step == args.steps:
-            val_psnr = validate(model, val, device)
-            elapsed = time.monotonic() - start
-            if val_psnr > best:
-                best = val_psnr
-                save_checkpoint(out / "best.pt", model, opt, step, best, elapsed, rng, args)
-                export(model, out / "best.safetensors", args, step, best, elapsed)
-            save_checkpoint(last, model, opt, step, best, elapsed, rng, args)
-            record = {"step": step, "loss": round(ema, 5), "val_psnr": round(val_psnr, 3), "best": round(best, 3), "lr": opt.param_groups[0]["lr"], "elapsed_s": round(elapsed, 1)}
-            if val_heldout:
-                record["val_heldout_psnr"] = round(validate(model, val_heldout, device), 3)
-            line = json.dumps(record)
-            log.write(line + "\n")
-            log.flush()
-            if not args.quiet:
-                bar.write(line)  # also when the bar is hidden (not a terminal): a readable nohup log
-        bar.set_postfix(loss=f"{ema:.4f}", val=f"{val_psnr:.2f}", best=f"{best:.2f}", refresh=False)
-    elapsed = time.monotonic() - start
-    if step % args.val_every:  # stopped between validations (time budget): validate what we have
-        val_psnr = validate(model, val, device)
-        if val_psnr > best:
-            best = val_psnr
-            save_checkpoint(out / "best.pt", model, opt, step, best, elapsed, rng, args)
-            export(model, out / "best.safetensors", args, step, best, elapsed)
-        save_checkpoint(last, model, opt, step, best, elapsed, rng, args)
-        log.write(json.dumps({"step": step, "loss": ema, "val_psnr": round(val_psnr, 3), "best": round(best, 3), "elapsed_s": round(elapsed, 1)}) + "\n")
+        if progress.step % args.val_every == 0 or progress.step == args.steps:
+            progress.elapsed = time.monotonic() - start
+            val_psnr, validated = validator(model, opt, progress, rng, {"loss": round(ema, 5), "lr": lr}), progress.step
+        bar.set_postfix(loss=f"{ema:.4f}", val=f"{val_psnr:.2f}", best=f"{progress.best:.2f}", refresh=False)
+    progress.elapsed = time.monotonic() - start
+    if progress.step != validated:  # stopped between validations (time budget): validate what we have
+        validator(model, opt, progress, rng, {"loss": round(ema, 5)})
     bar.close()
-    log.close()
-    return {"step": step, "best_psnr": best, "elapsed_s": elapsed}
+    validator.close()
+    return {"step": progress.step, "best_psnr": progress.best, "elapsed_s": progress.elapsed}
 
 
 def register_cli(sub) -> None:
@@ -262,7 +296,8 @@ def register_cli(sub) -> None:
     p.add_argument("--init", help="fine-tune: start from these weights (any format mprnet loads; widths from the file) "
                    "with a fresh optimizer and schedule; ignored when --resume finds OUT/last.pt")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (bf16 autocast on CUDA)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="forward pass under autocast; auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="forward pass under autocast; auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_main)

@@ -70,8 +70,8 @@ def test_cli_writes_json_and_markdown(tmp_path):
 
 
 def test_rain_option_picks_the_heldout_renderer(tmp_path):
-    from model.training.heldout_rain import heldout_rain
     from model.training.evaluate import EVAL_SEED
+    from model.training.heldout_rain import heldout_rain
 
     spec, heldout = load_set("derain", crop=48)[0], load_set("derain", crop=48, rain="heldout")[0]
     assert np.array_equal(spec[2], heldout[2]) and not np.array_equal(spec[1], heldout[1])

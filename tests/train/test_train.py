@@ -15,7 +15,8 @@ from model.training.losses import charbonnier, edge_loss, laplacian, mprnet_loss
 from model.training.train import lr_at, train, train_step, validation_set
 from model.variants import TINY
 
-TINY_ARGS = ["--n-feat", "8", "--scale-unet", "4", "--scale-ors", "4", "--num-cab", "1", "--batch", "2", "--patch", "32", "--val-crop", "48", "--quiet", "--threads", "1"]
+TINY_ARGS = ["--n-feat", "8", "--scale-unet", "4", "--scale-ors", "4", "--num-cab", "1", "--batch", "2", "--patch", "32",
+             "--val-crop", "48", "--quiet", "--threads", "1"]
 
 
 def parse(*argv):
@@ -78,7 +79,9 @@ def test_train_resumes_step_and_optimizer(tmp_path):
 def test_resume_refuses_other_widths(tmp_path):
     out = tmp_path / "run"
     train(parse("--task", "denoise", "--out", str(out), "--steps", "2", "--val-every", "2"))
-    args = build_parser().parse_args(["train", "--task", "denoise", "--out", str(out), "--steps", "4", "--resume", "--quiet", "--n-feat", "12", "--scale-unet", "4", "--scale-ors", "4", "--num-cab", "1", "--patch", "32", "--batch", "2", "--val-crop", "48"])
+    args = build_parser().parse_args(["train", "--task", "denoise", "--out", str(out), "--steps", "4", "--resume", "--quiet",
+                                      "--n-feat", "12", "--scale-unet", "4", "--scale-ors", "4", "--num-cab", "1",
+                                      "--patch", "32", "--batch", "2", "--val-crop", "48"])
     with pytest.raises(SystemExit, match="widths"):
         train(args)
 
@@ -104,8 +107,9 @@ def test_init_fine_tunes_from_a_weights_file_with_its_widths(tmp_path):
     train(parse("--task", "denoise", "--out", str(first), "--steps", "2", "--val-every", "2"))
     start = load_mprnet(first / "best.safetensors")
     # --n-feat 12 is overridden by the file's widths (8); a near-zero lr leaves the weights as loaded
-    args = build_parser().parse_args(["train", "--task", "denoise", "--out", str(tmp_path / "tuned"), "--init", str(first / "best.safetensors"),
-                                      "--steps", "1", "--val-every", "1", "--lr", "1e-12", "--lr-min", "1e-12", "--warmup", "1", "--seed", "5",
+    args = build_parser().parse_args(["train", "--task", "denoise", "--out", str(tmp_path / "tuned"),
+                                      "--init", str(first / "best.safetensors"), "--steps", "1", "--val-every", "1",
+                                      "--lr", "1e-12", "--lr-min", "1e-12", "--warmup", "1", "--seed", "5",
                                       *TINY_ARGS, "--n-feat", "12"])  # another seed: a fresh init would not match
     train(args)
     tuned = load_mprnet(tmp_path / "tuned" / "best.safetensors")
@@ -126,7 +130,7 @@ def test_validation_repeats_add_new_degradations_of_the_same_photos():
     one = validation_set(parse("--task", "deblur", "--out", "unused"))
     three = validation_set(parse("--task", "deblur", "--out", "unused", "--val-repeats", "3"))
     assert len(one) == 3 and len(three) == 9
-    for (low, high), (low3, high3) in zip(one, three[:3]):  # repeat 0 is the default set, unchanged
+    for (low, high), (low3, high3) in zip(one, three[:3], strict=True):  # repeat 0 is the default set, unchanged
         assert torch.equal(low, low3) and torch.equal(high, high3)
     for i in range(3):  # the same clean crop, blurred with another kernel each time
         assert torch.equal(three[i][1], three[i + 3][1]) and torch.equal(three[i][1], three[i + 6][1])
@@ -138,3 +142,9 @@ def test_val_repeats_must_be_positive():
 
     with pytest.raises(SystemExit, match="--val-repeats must be at least 1"):
         _main(parse("--task", "deblur", "--out", "unused", "--val-repeats", "0"))
+
+
+def test_each_step_is_validated_once_also_when_the_last_step_is_off_the_grid(tmp_path):
+    out = tmp_path / "run"
+    train(parse("--task", "denoise", "--out", str(out), "--steps", "3", "--val-every", "2"))
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 3]
