@@ -289,17 +289,17 @@ def degrade(task: str, img: np.ndarray, rng: np.random.Generator, valid: bool = 
 def benchmark_degrade(task: str, img: np.ndarray, seed: int, rain: str = "spec") -> np.ndarray:
     """The fixed evaluation degradation: denoise at sigma 25 (the papers' setting and our target),
     deblur drawn from its training distribution with a per-image `seed`, derain by the spec's renderer
-    (`rain="spec"`, ``rain_layer``) or by the separately written one (`rain="heldout"`,
-    model/training/heldout_rain.py), which no training draws from."""
+    (`rain="spec"`, ``rain_layer``) or by the separately written one (`rain="heldout"`, or "heldout-thin" for
+    its dense 1-px corner of the spec; model/training/heldout_rain.py), which no training draws from."""
     rng = np.random.default_rng(seed)
     if task == "denoise":
         return add_noise(img, 25.0, rng)
     if task == "derain":
-        if rain == "heldout":
+        if rain in ("heldout", "heldout-thin"):
             from .heldout_rain import heldout_rain
 
-            return heldout_rain(img, rng)
+            return heldout_rain(img, rng, thin=rain == "heldout-thin")
         if rain != "spec":
-            raise ValueError(f"unknown rain renderer {rain!r} (spec or heldout)")
+            raise ValueError(f"unknown rain renderer {rain!r} (spec, heldout or heldout-thin)")
         return random_rain(img, rng)
     return degrade(task, img, rng)

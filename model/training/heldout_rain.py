@@ -12,6 +12,9 @@ model that scores well on it has learned rain rather than one renderer's habits:
 * the streak angles scatter normally (sd 3 degrees) around the image's dominant angle, and each
   image draws its widths from its own mix, so some images have only thin streaks.
 
+``thin=True`` draws the corner of the spec that a model trained on one renderer missed most often:
+only 1-px streaks, dense (25-40 per 10,000 px), barely softened (sigma 0.5-0.7).
+
 No training code imports this module; ``benchmark_degrade(..., rain="heldout")`` and
 ``mprnet train``'s second validation score use it.
 """
@@ -54,13 +57,14 @@ def _draw_segment(layer: np.ndarray, x0: float, y0: float, x1: float, y1: float,
     np.maximum(patch, peak * across * along, out=patch)
 
 
-def heldout_layer(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+def heldout_layer(shape: tuple[int, int], rng: np.random.Generator, thin: bool = False) -> np.ndarray:
     """A (H, W) float32 rain layer in [0, 1]."""
     h, w = shape
     margin = LENGTH[1] / 2.0  # centres also fall just outside the image, so streaks enter across its edges
-    count = int(round(rng.uniform(*DENSITY) * (h + 2 * margin) * (w + 2 * margin) / 1e4))
+    density = rng.uniform(25.0, DENSITY[1]) if thin else rng.uniform(*DENSITY)
+    count = int(round(density * (h + 2 * margin) * (w + 2 * margin) / 1e4))
     dominant = rng.uniform(-MAX_ANGLE + 6.0, MAX_ANGLE - 6.0)
-    mix = rng.dirichlet(np.ones(3))  # this image's share of 1, 2 and 3 px streaks
+    mix = np.array([1.0, 0.0, 0.0]) if thin else rng.dirichlet(np.ones(3))  # this image's share of 1, 2 and 3 px
     layer = np.zeros((h, w), np.float64)
     for _ in range(count):
         theta = np.radians(np.clip(dominant + rng.normal(0.0, 3.0), -MAX_ANGLE, MAX_ANGLE))
@@ -69,10 +73,11 @@ def heldout_layer(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarra
         ex, ey = np.sin(theta) * half, np.cos(theta) * half
         width = float(rng.choice([1, 2, 3], p=mix))
         _draw_segment(layer, cx - ex, cy - ey, cx + ex, cy + ey, width, rng.uniform(*PEAK))
-    return np.clip(_soften(layer, rng.uniform(*SOFTEN)), 0.0, 1.0).astype(np.float32)
+    sigma = rng.uniform(SOFTEN[0], 0.7) if thin else rng.uniform(*SOFTEN)
+    return np.clip(_soften(layer, sigma), 0.0, 1.0).astype(np.float32)
 
 
-def heldout_rain(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def heldout_rain(img: np.ndarray, rng: np.random.Generator, thin: bool = False) -> np.ndarray:
     """Rain from this renderer screen-blended onto `img` ((H, W, 3) float32 in [0, 1])."""
-    rain = heldout_layer(img.shape[:2], rng)[:, :, None]
+    rain = heldout_layer(img.shape[:2], rng, thin)[:, :, None]
     return (1.0 - (1.0 - img) * (1.0 - rain)).astype(np.float32)

@@ -119,7 +119,8 @@ def test_family_rain_stays_in_range_and_only_brightens_without_haze():
 
 def test_derain_training_draws_the_family_and_the_evaluation_keeps_the_spec():
     img = np.random.default_rng(0).random((48, 48, 3), dtype=np.float32)
-    assert np.array_equal(D.degrade("derain", img, np.random.default_rng(5)), D.family_rain(img, np.random.default_rng(5)))
+    trained_on = D.degrade("derain", img, np.random.default_rng(5))
+    assert np.array_equal(trained_on, D.family_rain(img, np.random.default_rng(5)))
     assert np.array_equal(D.benchmark_degrade("derain", img, 5), D.random_rain(img, np.random.default_rng(5)))
     with pytest.raises(ValueError, match="rain renderer"):
         D.benchmark_degrade("derain", img, 5, rain="other")
@@ -175,3 +176,15 @@ def test_heldout_renderer_shares_no_code_with_training():
     assert not {m for m in imports(data) if "heldout" in m}
     training_draw = (D.degrade, D.family_rain, D.family_rain_layer, D._family_streaks)
     assert not [f.__name__ for f in training_draw if "heldout" in inspect.getsource(f)]
+
+
+def test_heldout_thin_corner_is_dense_one_pixel_rain():
+    from model.training import heldout_rain as H
+
+    img = np.random.default_rng(0).random((64, 64, 3), dtype=np.float32)
+    assert np.array_equal(H.heldout_rain(img, np.random.default_rng(2), thin=True),
+                          D.benchmark_degrade("derain", img, 2, rain="heldout-thin"))
+    thin = [H.heldout_layer((96, 96), np.random.default_rng(s), thin=True) for s in range(8)]
+    wide = [H.heldout_layer((96, 96), np.random.default_rng(s)) for s in range(8)]
+    assert np.mean([_edge_ratio(la) for la in thin]) > np.mean([_edge_ratio(la) for la in wide])
+    assert min((la > 0.1).mean() for la in thin) > 0.02  # dense: every image is well covered
