@@ -10,11 +10,8 @@ requests of the task are still being decoded (`arriving`) does it wait for them,
 `max_wait_s` after the oldest item was queued. So a lone request on an idle device never waits, a
 burst is batched, and while the device is busy the queue fills by itself.
 
-Admission (`admit`, before a request's body is read) is by expected wait: the work ahead of a newcomer
-(queued, and admitted but not yet queued) divided by each task's measured throughput (`expected_wait`,
-also the Retry-After of a refusal). A request that cannot be expected to start computing before its
-deadline hears 429 at once rather than 504 when the deadline comes; the static limits on queued
-requests and pixels stay as the outer bound.
+Admission (`admit`, before a request's body is read) is by expected wait (service/admission.py); the
+batcher tells it what it measures and checks each request again when its size is known (`submit`).
 
 Every state change happens on the event loop (producer and consumer share one loop), so there are
 no locks; only the model runs elsewhere, on the device worker's thread. Every job's future is
@@ -27,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -35,7 +31,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from .errors import DeadlineExceeded, InferenceFailed, OutOfMemory, QueueFull, ServiceError
+from .admission import Admission, Ticket
+from .errors import DeadlineExceeded, InferenceFailed, OutOfMemory, ServiceError
 from .metrics import Metrics
 from .planner import Plan
 from .worker import ItemOutOfMemory
@@ -44,34 +41,6 @@ log = logging.getLogger("service.batcher")
 
 RunBatch = Callable[[str, Sequence[Tensor]], Awaitable[Sequence[Tensor | BaseException]]]
 Replan = Callable[[Tensor, Plan], Plan | None]
-# Device throughput assumed before anything was measured: slower than every device and model measured
-# here (the CPU runs the full deblur model at about 1,700 pixels/s), so an unmeasured server admits little.
-ASSUMED_PIXELS_PER_S = 1000.0
-
-
-class Ticket:
-    """An admitted request that is not queued yet (its body is arriving or being decoded).
-
-    Until `MicroBatcher.submit` queues it, or the block exits, it holds a place in the queue's limits
-    and an estimate of its work in the expected wait of later requests: a burst of requests that all
-    arrive before any is decoded is admitted only as far as the queue can serve in time.
-    """
-
-    def __init__(self, batcher: MicroBatcher, task: str, deadline: float, pixels: float) -> None:
-        self.batcher, self.task, self.deadline, self.pixels = batcher, task, deadline, pixels
-        self.open = True
-
-    def close(self) -> None:
-        if self.open:
-            self.open = False
-            self.batcher._pending[self.task] -= 1
-            self.batcher._pending_pixels[self.task] -= self.pixels
-
-    def __enter__(self) -> Ticket:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass(eq=False)
@@ -121,23 +90,21 @@ class MicroBatcher:
         self.tasks = tuple(tasks)
         self.run, self.metrics, self.replan = run, metrics, replan
         self.max_batch_size, self.max_wait_s, self.batch_pixels = max_batch_size, max_wait_s, batch_pixels
-        self.queue_max_requests, self.queue_max_pixels = queue_max_requests, queue_max_pixels
         self._queues: dict[str, deque[Job]] = {t: deque() for t in self.tasks}
         self._depth = dict.fromkeys(self.tasks, 0)
         self._pixels = dict.fromkeys(self.tasks, 0)
         self._arriving = dict.fromkeys(self.tasks, 0)
         self._changed = asyncio.Event()
         self._last = -1  # index of the task served last (round-robin)
-        # Throughput per task (pixels/s): a moving average of measured batches; until the first, a seed
-        # (`seed_throughput`, the warm-up's measurement) or ASSUMED_PIXELS_PER_S.
-        self._rate = dict.fromkeys(self.tasks, ASSUMED_PIXELS_PER_S)
-        self._measured: set[str] = set()
-        self._pending = dict.fromkeys(self.tasks, 0)  # admitted, not queued yet (see Ticket)
-        self._pending_pixels = dict.fromkeys(self.tasks, 0.0)
-        self._typical_pixels = dict.fromkeys(self.tasks, 0.0)  # moving average of a request's computed pixels
         self._in_flight: list[Job] = []  # members of the batch on the device now
-        self._in_flight_work = ("", 0, 0.0)  # (task, pixels, start) of the batch on the device
         self.batches = 0
+        self.admission = Admission(
+            self.tasks, self, queue_max_requests=queue_max_requests, queue_max_pixels=queue_max_pixels
+        )
+        # what producers and warm-up call: admit, then submit; the seeds of the estimate
+        a = self.admission
+        self.admit, self.expected_wait = a.admit, a.expected_wait
+        self.seed_throughput, self.seed_request_pixels = a.seed_throughput, a.seed_request_pixels
         metrics.watch_queue(self.depth, self.pixels, self.oldest_wait, self.expected_wait)
 
     # ---- producer side (request handlers) ----------------------------------------------------
@@ -151,88 +118,13 @@ class MicroBatcher:
     def oldest_wait(self, task: str) -> float:
         return next((time.monotonic() - j.enqueued for j in self._queues[task] if j.queued), 0.0)
 
-    def seed_throughput(self, task: str, pixels: float, seconds: float) -> None:
-        """A first estimate of `task`'s throughput (e.g. from warm-up, slower than steady state: the
-        conservative side); the first measured batch replaces it."""
-        if task not in self._measured and pixels > 0 and seconds > 0:
-            self._rate[task] = pixels / seconds
-
-    def seed_request_pixels(self, pixels: float) -> None:
-        """The computed pixels assumed for a request whose image has not been decoded yet, until the
-        first request of its task was planned (then a moving average of the requests seen)."""
-        for task in self.tasks:
-            self._typical_pixels[task] = self._typical_pixels[task] or pixels
-
     def items_per_batch(self, shape: tuple[int, int]) -> int:
         """The most items of (h, w) `shape` one batch holds."""
         return max(1, min(self.max_batch_size, int(self.batch_pixels // (shape[0] * shape[1]))))
 
-    def _ahead(self, task: str, pending: bool) -> tuple[float, float, int]:
-        """Work of `task` in the queue as seen by a newcomer of `task`: (pixels computed before the
-        newcomer's first batch, all pixels, batches before the newcomer's first one).
-
-        A newcomer queues behind every waiting request, but a request with tiles left gets one batch
-        and then queues behind the newcomer (its turn moves), so each waiting request counts at most
-        one batch. With `pending`, admitted requests not queued yet count with the typical size.
-        """
-        items: dict[tuple[int, int], int] = {}
-        first = 0.0
-        for job in self._live(task):
-            if job.queued:
-                per_batch = self.items_per_batch(job.plan.shape)
-                n = min(len(job.plan) - job.next_item, per_batch)
-                items[job.plan.shape] = items.get(job.plan.shape, 0) + n
-                first += n * job.plan.shape[0] * job.plan.shape[1]
-        batches = sum(math.ceil(n / self.items_per_batch(shape)) for shape, n in items.items())
-        total = float(self._pixels[task])
-        if pending and self._pending[task]:
-            first += self._pending_pixels[task]
-            total += self._pending_pixels[task]
-            batches += math.ceil(self._pending_pixels[task] / self.batch_pixels) or 1
-        return first, total, batches
-
-    def expected_wait(self, task: str, pending: bool = True) -> float:
-        """Seconds until a request of `task` queued now can be expected to start computing.
-
-        The batch on the device finishes, then the work of `task` ahead of it runs (`_ahead`), and the
-        consumer's round-robin runs up to one batch of each other task before each of those batches
-        and before the newcomer's own. Times come from each task's measured throughput.
-        """
-        busy_task, busy_pixels, since = self._in_flight_work
-        wait = max(0.0, busy_pixels / self._rate[busy_task] - (time.monotonic() - since)) if busy_pixels else 0.0
-        first, _, batches = self._ahead(task, pending)
-        wait += first / self._rate[task]
-        for other in self.tasks:
-            if other != task:
-                _, total, _ = self._ahead(other, pending)
-                wait += min(total, (batches + 1) * self.batch_pixels) / self._rate[other]
-        return wait
-
-    def _check(self, task: str, deadline: float, pixels: int, pending: bool) -> None:
-        """Raise QueueFull (429) when the queue's static limits or the expected wait refuse a request."""
-        depth = self.depth() + (sum(self._pending.values()) if pending else 0)
-        wait = self.expected_wait(task, pending)
-        if depth >= self.queue_max_requests:
-            why = f"The queue holds {depth} requests, its limit"
-        elif self.pixels() + pixels > self.queue_max_pixels:
-            why = f"The queue holds {self.pixels() / 1e6:.1f} of its {self.queue_max_pixels / 1e6:.1f} megapixels"
-        elif time.monotonic() + wait >= deadline:
-            left = max(0.0, deadline - time.monotonic())
-            why = f"The work ahead takes about {wait:.1f} s, more than the {left:.1f} s left to this request's deadline"
-        else:
-            return
-        raise QueueFull(f"{why}; retry later.", wait)
-
-    def admit(self, task: str, deadline: float) -> Ticket:
-        """Admit a request of `task` whose compute must start by `deadline` (time.monotonic()), before its
-        body is read: QueueFull (429, Retry-After) at once when the queue is at its limits, or when the
-        work ahead (queued, and admitted but not yet queued) cannot be expected to run by then.
-        Use the ticket as a context manager around reading, decoding and `submit`."""
-        self._check(task, deadline, 0, pending=True)
-        ticket = Ticket(self, task, deadline, self._typical_pixels[task])
-        self._pending[task] += 1
-        self._pending_pixels[task] += ticket.pixels
-        return ticket
+    def queued(self, task: str) -> Iterator[Job]:
+        """The queued jobs of `task`, oldest first."""
+        return (job for job in self._live(task) if job.queued)
 
     @contextlib.contextmanager
     def arriving(self, task: str) -> Iterator[None]:
@@ -252,9 +144,8 @@ class MicroBatcher:
         """
         task, deadline = ticket.task, ticket.deadline
         ticket.close()
-        self._check(task, deadline, plan.computed_pixels, pending=False)
-        typical = self._typical_pixels[task]
-        self._typical_pixels[task] = plan.computed_pixels if not typical else 0.8 * typical + 0.2 * plan.computed_pixels
+        self.admission.check(task, deadline, plan.computed_pixels, pending=False)
+        self.admission.planned(task, plan.computed_pixels)
         job = Job(task, plan, image, deadline, request_id)
         job.timer = asyncio.get_running_loop().call_at(deadline, self._expire, job)
         self._enqueue(job)
@@ -390,7 +281,7 @@ class MicroBatcher:
         self.metrics.batch_tiles.labels(task).observe(len(batch))
         start = time.monotonic()
         pixels = len(batch) * batch[0][0].plan.shape[0] * batch[0][0].plan.shape[1]
-        self._in_flight, self._in_flight_work = jobs, (task, pixels, start)
+        self._in_flight, self.admission.on_device = jobs, (task, pixels, start)
         try:
             results = await self.run(task, [job.plan.inputs[i] for job, _, i in batch])
             if len(results) != len(batch):
@@ -402,13 +293,11 @@ class MicroBatcher:
                 self._resolve(job, error=InferenceFailed())
             return
         finally:
-            self._in_flight, self._in_flight_work = [], ("", 0, 0.0)
+            self._in_flight, self.admission.on_device = [], ("", 0, 0.0)
             elapsed = time.monotonic() - start
             self.batches += 1
             self.metrics.inference.labels(task).observe(elapsed)
-        rate = pixels / max(elapsed, 1e-6)
-        self._rate[task] = 0.8 * self._rate[task] + 0.2 * rate if task in self._measured else rate
-        self._measured.add(task)
+        self.admission.measured(task, pixels, elapsed)
 
         too_big: list[Job] = []
         for (job, generation, index), result in zip(batch, results, strict=True):

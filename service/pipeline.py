@@ -37,7 +37,8 @@ from torch import Tensor
 from model.images import to_tensor, to_uint8
 
 from . import codec
-from .batcher import Job, MicroBatcher, Ticket
+from .admission import Ticket
+from .batcher import Job, MicroBatcher
 from .errors import BadInput, DeadlineExceeded, Disconnected, ServiceError, TooLarge, UnknownTask
 from .planner import Plan, Planner
 from .settings import Settings

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .batcher import MicroBatcher, Ticket
+from .admission import Ticket
+from .batcher import MicroBatcher
 from .errors import Draining, InferenceFailed, NotReady, ServiceError
 from .http_io import UploadBudget
 from .loading import TaskModel

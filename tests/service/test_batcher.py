@@ -371,7 +371,7 @@ async def test_a_request_larger_than_its_estimate_is_checked_again_with_its_size
         with admit_in(b, "a", 60) as ticket:  # admitted before its size was known
             with pytest.raises(QueueFull):
                 queue(b, ticket, plan(1.0, shape=(32, 32)))  # 1024 pixels > the queue's 1000
-        assert b.depth() == 0 and b._pending["a"] == 0
+        assert b.depth() == 0 and b.admission._pending["a"] == 0
         model.gate.set()
         with anyio.fail_after(10):
             await first.future
