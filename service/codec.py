@@ -9,7 +9,8 @@ integer and float grey as 16-bit levels, or 415 before any compute when their va
 range; YCbCr and LAB as RGB). Encoding keeps size, mode and depth where the format allows: PNG keeps alpha and 16 bits
 (grey, grey+alpha, RGB and RGBA go through service/png.py, a numpy-filtered writer with ISA-L deflate,
 about 1 ms instead of Pillow's 9 for 256x256 RGB; other modes through Pillow at level 1 with the
-run-length strategy); JPEG has neither; WebP keeps alpha, not 16 bits.
+run-length strategy); JPEG has neither; WebP keeps alpha, not 16 bits. Raw pixels (a (H, W, 3) uint8 RGB array)
+come in as a decoded RGB image would (`from_pixels`) and go out the same way (`to_pixels`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from model.images import ImageMeta, for_format, from_tensor, to_tensor
+from model.images import ImageMeta, for_format, from_tensor, to_tensor, to_uint8
 
 from . import structure
 from .errors import BadInput, TooLarge, Unsupported
@@ -201,3 +202,27 @@ def _save(img: Image.Image, fmt: str, quality: int | None, extra: dict) -> bytes
     else:
         img.save(buf, "WEBP", quality=quality or 90, method=0, **extra)
     return buf.getvalue()
+
+
+def from_pixels(pixels: np.ndarray, max_pixels: int) -> Decoded:
+    """A (H, W, 3) uint8 RGB array -> what `codec.decode` would give for a PNG of it."""
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        shape = getattr(pixels, "shape", None)
+        dtype = getattr(pixels, "dtype", type(pixels).__name__)
+        detail = f"Raw pixels must be a height x width x 3 array of uint8 RGB values, got {dtype} of shape {shape}."
+        raise BadInput(detail)
+    height, width, _ = pixels.shape
+    if height < 1 or width < 1:
+        raise BadInput(f"The image has no pixels ({width}x{height}).")
+    if height * width > max_pixels:
+        detail = f"The image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}."
+        raise TooLarge(detail)
+    image, meta = to_tensor(pixels, keep_uint8=True)  # (3, H, W) uint8, a copy: the caller's array is not kept
+    # as if it came as an RGB PNG, so every output format (JPEG, WebP too) can encode it
+    meta = replace(meta, pil_mode="RGB")
+    return Decoded(image, meta, icc=None, exif=None, format="pixels")
+
+
+def to_pixels(restored: Tensor) -> np.ndarray:
+    """(3, H, W) restored image (uint8, or float in [0, 1] for a 16-bit input) -> a new (H, W, 3) uint8 RGB array."""
+    return to_uint8(restored.detach().cpu()).permute(1, 2, 0).contiguous().numpy()

@@ -28,18 +28,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, Union
 
 import numpy as np
 from torch import Tensor
 
-from model.images import to_tensor, to_uint8
-
 from . import codec
 from .admission import Ticket
 from .batcher import Job, MicroBatcher
-from .errors import BadInput, DeadlineExceeded, Disconnected, ServiceError, TooLarge, UnknownTask
+from .errors import DeadlineExceeded, Disconnected, ServiceError, UnknownTask
 from .planner import Plan, Planner
 from .settings import Settings
 
@@ -72,30 +70,6 @@ def opened(source: Source) -> AbstractAsyncContextManager[bytes | np.ndarray]:
     if isinstance(source, (bytes, np.ndarray)):
         return contextlib.nullcontext(source)
     return source()
-
-
-def from_pixels(pixels: np.ndarray, max_pixels: int) -> codec.Decoded:
-    """A (H, W, 3) uint8 RGB array -> what `codec.decode` would give for a PNG of it."""
-    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
-        shape = getattr(pixels, "shape", None)
-        dtype = getattr(pixels, "dtype", type(pixels).__name__)
-        detail = f"Raw pixels must be a height x width x 3 array of uint8 RGB values, got {dtype} of shape {shape}."
-        raise BadInput(detail)
-    height, width, _ = pixels.shape
-    if height < 1 or width < 1:
-        raise BadInput(f"The image has no pixels ({width}x{height}).")
-    if height * width > max_pixels:
-        detail = f"The image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}."
-        raise TooLarge(detail)
-    image, meta = to_tensor(pixels, keep_uint8=True)  # (3, H, W) uint8, a copy: the caller's array is not kept
-    # as if it came as an RGB PNG, so every output format (JPEG, WebP too) can encode it
-    meta = replace(meta, pil_mode="RGB")
-    return codec.Decoded(image, meta, icc=None, exif=None, format="pixels")
-
-
-def to_pixels(restored: Tensor) -> np.ndarray:
-    """(3, H, W) restored image (uint8, or float in [0, 1] for a 16-bit input) -> a new (H, W, 3) uint8 RGB array."""
-    return to_uint8(restored.detach().cpu()).permute(1, 2, 0).contiguous().numpy()
 
 
 async def outputs(job: Job, batcher: MicroBatcher, gone: Gone | None) -> list[Tensor]:
@@ -178,7 +152,7 @@ class Pipeline:
         Raises as `restore`."""
 
         def pixels(restored: Tensor, decoded: codec.Decoded) -> np.ndarray:
-            return to_pixels(restored)
+            return codec.to_pixels(restored)
 
         return await self.restore_with(
             task, source, pixels, arrived=arrived, deadline=deadline, request_id=request_id, gone=gone
@@ -309,7 +283,7 @@ class Pipeline:
 
     def _decode_and_plan(self, image: bytes | np.ndarray) -> tuple[codec.Decoded, Plan]:
         if isinstance(image, np.ndarray):
-            decoded = from_pixels(image, self.settings.max_pixels)
+            decoded = codec.from_pixels(image, self.settings.max_pixels)
         else:
             decoded = codec.decode(image, self.settings.max_pixels, self.settings.decode_budget_s)
         return decoded, self.planner.plan(decoded.image)

@@ -218,7 +218,7 @@ def _finish(call: images.ImageCall, png_effort: int) -> Callable[[Tensor, codec.
     file_wanted = images.wants(call, images.RESTORED_FILE)
 
     def finish(restored: Tensor, decoded: codec.Decoded) -> Finished:
-        pixels = pipeline.to_pixels(restored) if pixels_wanted else None
+        pixels = codec.to_pixels(restored) if pixels_wanted else None
         encoded = None
         if file_wanted is not None:
             encoded = codec.encode(restored, decoded, file_wanted.format, file_wanted.quality, png_effort)
