@@ -334,7 +334,7 @@ def raw_throughput(weights: Path, task: str, sizes: list[tuple[int, int]], max_r
     import torch
 
     from model.checkpoint import load_mprnet
-    from model.inference import Restorer
+    from service.loading import engine_for
     from service.planner import Planner
     from service.settings import Settings
     from service.worker import DeviceWorker
@@ -343,7 +343,7 @@ def raw_throughput(weights: Path, task: str, sizes: list[tuple[int, int]], max_r
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     path = weights / f"{task}.safetensors" if weights.is_dir() else weights
-    restorer = Restorer(load_mprnet(path), device=settings.device, precision=settings.precision)
+    restorer = engine_for(settings, load_mprnet(path))  # the engine the spawned server runs
     planner = Planner(settings.buckets, settings.tile_size, settings.tile_overlap)
     worker = DeviceWorker({task: restorer}, restorer.device)  # its batch path: uint8 up, scaled and rounded on the device
     pixels = torch.Generator().manual_seed(0)

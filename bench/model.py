@@ -9,6 +9,12 @@ table (and written as JSON with --json). Examples:
     # one GPU, a few minutes
     python bench/model.py --device cuda --config deblur denoise derain --size 256 --batch 1 8 32 \\
         --precision fp32 tf32 bf16 --memory-format channels_last
+    # CPU engines side by side (our model on torch eager, and on OpenVINO), bundled weights
+    python bench/model.py --device cpu --impl ours --engine torch openvino --config bundled-denoise --size 256 512
+
+`--engine openvino` adds a row per case for the same weights on the OpenVINO engine (model/engine_openvino.py,
+fp32, its static shape compiled during the first call), timed in turn with the others; "vs torch" is its
+speed over our model on torch ("ours"). Configurations named bundled-<task> use the bundled weights.
 
 Timing: CUDA events around each forward pass after warm-up (CUDA), time.perf_counter (CPU); the
 figure is the median of --repeats passes. FLOPs: torch.utils.flop_counter.FlopCounterMode on the
@@ -39,9 +45,14 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from bench.reference import reference_mprnet
 from model.arch import MPRNet
-from model.variants import TINY, VARIANTS
+from model.bundled import bundled_weights
+from model.checkpoint import load_mprnet
+from model.engine_api import build_engine
+from model.variants import TASKS, TINY, VARIANTS, config_from_state_dict
 
 CONFIGS = {**VARIANTS, "tiny": TINY}
+BUNDLED = {f"bundled-{t}": t for t in TASKS}
+ENGINES = ("torch", "openvino")  # torch: the "ours" rows
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLS = ("ours", "reference")
 
@@ -137,6 +148,26 @@ class Case:
             self.times.append(time.perf_counter() - t)
 
 
+class EngineCase(Case):
+    """Our model on another engine (fp32): its run_batch is the forward pass."""
+
+    def __init__(self, engine, x: torch.Tensor) -> None:
+        super().__init__(None, x, "fp32", "none")
+        self.engine = engine
+
+    def forward(self) -> torch.Tensor:
+        return self.engine.run_batch(self.x)
+
+
+def config_and_weights(name: str, seed: int) -> tuple[dict, dict]:
+    """The configuration and state dict of a named config: bundled weights, else default-init random weights."""
+    if name in BUNDLED:
+        sd = load_mprnet(bundled_weights(BUNDLED[name])).state_dict()
+        return config_from_state_dict(sd), sd
+    torch.manual_seed(seed)
+    return CONFIGS[name], MPRNet(**CONFIGS[name]).state_dict()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -175,7 +206,8 @@ def _size(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", nargs="+", default=["derain"], choices=list(CONFIGS), help="released variant(s) or tiny")
+    p.add_argument("--config", nargs="+", default=["derain"], choices=[*CONFIGS, *BUNDLED],
+                   help="released variant(s) (random weights), tiny, or bundled-<task> (the bundled weights)")
     p.add_argument("--size", nargs="+", type=_size, default=[(64, 64)], help="input H or HxW (multiples of 8)")
     p.add_argument("--batch", nargs="+", type=int, default=[1])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -185,6 +217,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: channels_last on CUDA, contiguous on CPU")
     p.add_argument("--compile", nargs="+", default=["none"], choices=["none", "default", "reduce-overhead"])
     p.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--engine", nargs="+", default=["torch"], choices=ENGINES,
+                   help="engines to run our model on (CPU, fp32): torch is the 'ours' rows")
+    p.add_argument("--cache-dir", help="keeps the OpenVINO engine's export and compiled shapes between runs")
     p.add_argument("--warmup", type=int, default=None, help="untimed passes after the first (default: 3 on CUDA, 1 on CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed passes (default: 20 on CUDA, 3 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -218,10 +253,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     repeats = args.repeats if args.repeats is not None else (20 if cuda else 3)
     memory = PeakMemory(device)
     results = []
+    extra_engines = [e for e in args.engine if e != "torch"]
+    if extra_engines and cuda:
+        raise SystemExit("bench: --engine openvino runs on the CPU; use --device cpu")
     for name in args.config:
-        config = CONFIGS[name]
-        torch.manual_seed(args.seed)
-        weights = MPRNet(**config).state_dict()  # default-init random weights, loaded into both
+        config, weights = config_and_weights(name, args.seed)  # the same weights for every implementation
+        engines = {}
+        for engine in extra_engines:
+            net = MPRNet(**config)
+            net.load_state_dict(weights)
+            engines[engine] = build_engine(net, engine, device="cpu", precision="fp32", threads=args.threads or 0,
+                                           cache_dir=args.cache_dir, max_batch=max(args.batch))
         for (h, w) in args.size:
             for batch in args.batch:
                 shape = (batch, config["in_c"], h, w)
@@ -232,14 +274,20 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                         for compile_mode in args.compile:
                             cases = {impl: Case(build(impl, config, weights, device, fmt == "channels_last", compile_mode), xin, precision, compile_mode)
                                      for impl in args.impl}
+                            if precision == "fp32" and compile_mode == "none":
+                                cases.update({e: EngineCase(engine, x) for e, engine in engines.items()})
                             if cuda:
                                 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
                             timings = time_cases(cases, warmup, repeats, memory)
                             del cases
                             outs = {impl: t.pop("out") for impl, t in timings.items()}
-                            diff = (outs["ours"] - outs["reference"]).abs().max().item() if len(outs) == 2 else None
+                            ours = outs.get("ours")
+                            both = ours is not None and "reference" in outs
+                            diff = (ours - outs["reference"]).abs().max().item() if both else None
                             for impl, t in timings.items():
-                                flops = count_flops(impl, config, shape)
+                                flops = count_flops("reference" if impl == "reference" else "ours", config, shape)
+                                if impl in engines and ours is not None:
+                                    t["max_abs_diff_vs_torch"] = (outs[impl] - ours).abs().max().item()
                                 sec = t["median_s"]
                                 results.append({
                                     "impl": impl, "config": name, "height": h, "width": w, "batch": batch,
@@ -254,18 +302,24 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
 def markdown(report: dict[str, Any]) -> str:
     head = ("| impl | config | input | batch | precision | memory format | compile | median ms | img/s | MP/s "
-            "| TFLOP/s | peak MiB | ours/ref | max abs diff |")
+            "| TFLOP/s | peak MiB | ours/ref | max abs diff | vs torch | diff vs torch |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    ref = {(r["config"], r["height"], r["width"], r["batch"], r["precision"], r["memory_format"], r["compile"]): r
-           for r in report["results"] if r["impl"] == "reference"}
+    def case(r: dict) -> tuple:
+        return r["config"], r["height"], r["width"], r["batch"], r["precision"], r["memory_format"], r["compile"]
+
+    ref = {case(r): r for r in report["results"] if r["impl"] == "reference"}
+    ours = {case(r): r for r in report["results"] if r["impl"] == "ours"}
     for r in report["results"]:
-        key = (r["config"], r["height"], r["width"], r["batch"], r["precision"], r["memory_format"], r["compile"])
+        key = case(r)
         ratio = f"{r['images_per_s'] / ref[key]['images_per_s']:.2f}x" if r["impl"] == "ours" and key in ref else ""
+        engine = r["impl"] not in IMPLS and key in ours
+        vs_torch = f"{r['images_per_s'] / ours[key]['images_per_s']:.2f}x" if engine else ""
+        diff_torch = f"{r['max_abs_diff_vs_torch']:.1e}" if engine else ""
         diff = f"{r['max_abs_diff_vs_reference']:.1e}" if r["max_abs_diff_vs_reference"] is not None and r["impl"] == "ours" else ""
         lines.append(
             f"| {r['impl']} | {r['config']} | {r['height']}x{r['width']} | {r['batch']} | {r['precision']} | {r['memory_format']} "
             f"| {r['compile']} | {r['median_s'] * 1e3:.1f} | {r['images_per_s']:.2f} | {r['megapixels_per_s']:.3g} "
-            f"| {r['tflops_per_s']:.3g} | {r['peak_mib']:.1f} | {ratio} | {diff} |"
+            f"| {r['tflops_per_s']:.3g} | {r['peak_mib']:.1f} | {ratio} | {diff} | {vs_torch} | {diff_torch} |"
         )
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import struct
 import sys
@@ -79,6 +80,15 @@ def _one_line(e: BaseException) -> str:
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    from .engine_api import ENGINES
+
+    env = os.environ.get
+    p.add_argument("--engine", default=env("MPRNET_ENGINE", "auto"), choices=ENGINES,
+                   help="auto (OpenVINO on the CPU when installed, else torch), torch, openvino ($MPRNET_ENGINE)")
+    p.add_argument("--threads", type=int, default=int(env("MPRNET_TORCH_THREADS") or 0),
+                   help="CPU threads for the model (0: the runtime's default; $MPRNET_TORCH_THREADS)")
+    p.add_argument("--cache-dir", default=env("MPRNET_COMPILE_CACHE_DIR") or str(Path.home() / ".cache" / "mprnet"),
+                   help="keeps exported and compiled models across runs ($MPRNET_COMPILE_CACHE_DIR or ~/.cache/mprnet)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--tile", type=int, default=512, help="tile size for large images (multiple of 8)")
@@ -100,10 +110,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
     pairs = _destinations(files, args.output, args.overwrite)
     try:
         weights = Path(args.weights) if args.weights else bundled_weights(args.task)
-        restorer = load_restorer(weights, args.device, args.precision, TileSettings(args.tile, args.tile_overlap, args.tile_batch))
+        tiles = TileSettings(args.tile, args.tile_overlap, args.tile_batch)
+        restorer = load_restorer(weights, args.device, args.precision, tiles, engine=args.engine, threads=args.threads,
+                                 cache_dir=args.cache_dir)
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"mprnet: {e}") from None
-    print(f"mprnet: {args.task} with {weights} on {restorer.device} ({restorer.precision})", file=sys.stderr)
+    engine = f"{restorer.name}, {restorer.precision}"
+    print(f"mprnet: {args.task} with {weights} on {restorer.device} ({engine})", file=sys.stderr)
     failed = 0
     # what a bad file raises from Pillow or from reading its mode; each is one line, and the run goes on
     unreadable = (OSError, ValueError, TypeError, SyntaxError, EOFError, struct.error, MemoryError)
@@ -131,6 +144,31 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .bundled import bundled_weights
+    from .checkpoint import CheckpointError, load_mprnet
+    from .export import export
+
+    try:
+        weights = Path(args.weights) if args.weights else bundled_weights(args.task)
+        model = load_mprnet(weights)
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"mprnet: {e}") from None
+    if args.weights:
+        licence = "the licence of the weights file (not recorded in it): check it before you redistribute the export"
+    else:
+        licence = f"Apache-2.0: this project's own bundled weights (model/weights/{args.task}.md)"
+    if args.format == "openvino" and importlib.util.find_spec("openvino") is None:
+        raise SystemExit("mprnet: --format openvino needs the openvino package: pip install 'mprnet-serve[openvino]'")
+    try:
+        written = export(model, args.format, args.output, task=args.task, weights=str(weights), licence=licence)
+    except OSError as e:
+        raise SystemExit(f"mprnet: could not write to {args.output}: {_one_line(e)}") from None
+    for path in written:
+        print(f"mprnet: wrote {path}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mprnet", description="MPRNet image restoration (deblur, derain, denoise)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="let outputs replace input files (same path in and out)")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_restore)
+    p = sub.add_parser("export", help="write the model as ONNX or OpenVINO IR (dynamic size) with a model card")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--weights", help="checkpoint to export (default: the bundled weights)")
+    p.add_argument("--format", required=True, choices=["onnx", "openvino"])
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.set_defaults(func=cmd_export)
     for register in _extensions():
         register(sub)
     return parser

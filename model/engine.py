@@ -143,6 +143,7 @@ class Engine(Restorer):
         self.cuda_graphs = graphs
         self.batch_sizes = static_batch_sizes(settings.max_batch)
         self.static = mode != "off" or graphs  # else: plain eager, any batch size as it comes
+        self.prepares_shapes = self.static
         if cuda and self.static and settings.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
         if settings.cache_dir and mode != "off":

@@ -15,6 +15,7 @@ An implementation supplies `run_batch` (and may do more in the others); everythi
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -67,6 +68,8 @@ class InferenceEngine(ABC):
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"
     tiles: TileSettings = TileSettings()
+    # True when `warmup` compiles each shape: a shape first seen by a request would pay that time
+    prepares_shapes: bool = False
 
     @abstractmethod
     def run_batch(self, x: Tensor) -> Tensor:
@@ -139,3 +142,54 @@ class InferenceEngine(ABC):
         y = self.restore_tensor(x)
         del x  # one image-sized buffer fewer while converting back (large images)
         return from_tensor(y, meta)
+
+
+# ---- choosing an engine ---------------------------------------------------------------------------
+
+ENGINES = ("auto", "torch", "openvino")
+_CPU_ONLY = {"openvino": "openvino"}  # engine -> the package it needs
+
+
+def resolve_engine(engine: str, device: torch.device) -> str:
+    """'auto' is OpenVINO on the CPU when it is installed, else torch; a CPU engine refuses CUDA."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: use {', '.join(ENGINES)}")
+    installed = {name: importlib.util.find_spec(package) is not None for name, package in _CPU_ONLY.items()}
+    if engine == "auto":
+        return "openvino" if device.type == "cpu" and installed["openvino"] else "torch"
+    if engine in _CPU_ONLY:
+        if device.type != "cpu":
+            raise ValueError(f"the {engine} engine runs on the CPU, not {device}: use device cpu, or the torch engine")
+        if not installed[engine]:
+            raise ValueError(f"the {engine} engine needs the {_CPU_ONLY[engine]} package: "
+                             "pip install 'mprnet-serve[openvino]' (scripts/setup.sh installs it)")
+    return engine
+
+
+def build_engine(
+    model: torch.nn.Module,
+    engine: str = "auto",
+    *,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    tiles: TileSettings | None = None,
+    threads: int = 0,
+    cache_dir: str | None = None,
+    max_batch: int = 16,
+    torch_settings: Any = None,
+) -> InferenceEngine:
+    """The engine named (see `resolve_engine`) for `model`. `cache_dir` applies to every runtime; `threads`
+    (0: the runtime's choice) to OpenVINO, whose threads are its own (torch's are set per calling thread,
+    by the caller); `torch_settings` (an engine.EngineSettings) to torch alone."""
+    from .engine import Engine, EngineSettings
+    from .inference import resolve_device
+
+    dev = resolve_device(device)
+    name = resolve_engine(engine, dev)
+    tiles = tiles or TileSettings()
+    if name == "openvino":
+        from .engine_openvino import OpenVINOEngine
+
+        return OpenVINOEngine(model, precision, tiles=tiles, threads=threads, cache_dir=cache_dir, max_batch=max_batch)
+    settings = torch_settings or EngineSettings(cache_dir=cache_dir, max_batch=max_batch)
+    return Engine(model, device=dev, precision=precision, tiles=tiles, settings=settings)

@@ -71,12 +71,12 @@ class Restorer(InferenceEngine):
         model: nn.Module,
         device: str | torch.device = "auto",
         precision: str = "auto",
-        tiles: TileSettings = TileSettings(),
+        tiles: TileSettings | None = None,
         channels_last: bool | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.tiles = tiles  # validated when made
+        self.tiles = tiles or TileSettings()
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = model.eval().to(self.device, memory_format=memory_format)
@@ -100,7 +100,25 @@ class Restorer(InferenceEngine):
         return y.float().clamp_(0, 1).contiguous().to(source_device)
 
 
-def load_restorer(weights: str | Path, device: str = "auto", precision: str = "auto", tiles: TileSettings = TileSettings()) -> Restorer:
+def load_restorer(
+    weights: str | Path,
+    device: str = "auto",
+    precision: str = "auto",
+    tiles: TileSettings | None = None,
+    *,
+    engine: str = "torch",
+    threads: int = 0,
+    cache_dir: str | None = None,
+) -> InferenceEngine:
+    """A weights file as a warm engine (`engine_api.build_engine`): torch unless another is named; torch
+    runs eagerly (no compile or graph capture: a one-off run would spend longer preparing than running)."""
     from .checkpoint import load_mprnet
+    from .engine import EngineSettings
+    from .engine_api import build_engine
 
-    return Restorer(load_mprnet(weights), device=device, precision=precision, tiles=tiles)
+    tiles = tiles or TileSettings()
+    if threads:
+        torch.set_num_threads(threads)  # this thread's torch ops (OpenVINO takes `threads` itself)
+    return build_engine(load_mprnet(weights), engine, device=device, precision=precision, tiles=tiles, threads=threads,
+                        cache_dir=cache_dir, max_batch=tiles.batch,
+                        torch_settings=EngineSettings(compile="off", cuda_graphs=False, max_batch=tiles.batch))

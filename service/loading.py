@@ -14,8 +14,8 @@ import torch
 
 from model.bundled import bundled_weights
 from model.checkpoint import CheckpointError, load_mprnet, sha256_file
-from model.engine import Engine, EngineSettings
-from model.engine_api import InferenceEngine, TileSettings
+from model.engine import EngineSettings
+from model.engine_api import InferenceEngine, TileSettings, build_engine
 from model.inference import resolve_device
 from model.variants import PAPER_TASKS, config_from_state_dict
 
@@ -51,6 +51,20 @@ class TaskModel:
         }
 
 
+def engine_for(settings: Settings, model: torch.nn.Module) -> InferenceEngine:
+    """`model` on the engine the settings choose (MPRNET_ENGINE, device, precision, threads, tiles, caches)."""
+    graphs = None if settings.cuda_graphs == "auto" else settings.cuda_graphs == "on"
+    cache = str(settings.compile_cache_dir) if settings.compile_cache_dir else None
+    torch_settings = EngineSettings(
+        compile=settings.compile, cuda_graphs=graphs, cache_dir=cache, max_batch=settings.max_batch_size
+    )
+    tiles = TileSettings(settings.tile_size, settings.tile_overlap, settings.max_batch_size)
+    return build_engine(
+        model, settings.engine, device=settings.device, precision=settings.precision, tiles=tiles,
+        threads=settings.torch_threads, cache_dir=cache, max_batch=settings.max_batch_size, torch_settings=torch_settings,
+    )
+
+
 def load_task(settings: Settings, task: str) -> TaskModel:
     setting = f"MPRNET_WEIGHTS_{task.upper()}"
     try:
@@ -64,15 +78,13 @@ def load_task(settings: Settings, task: str) -> TaskModel:
         model = load_mprnet(path)
     except CheckpointError as e:
         raise StartupError(f"{setting if source == 'configured' else 'bundled weights'} ({path}): {e}") from None
-    graphs = None if settings.cuda_graphs == "auto" else settings.cuda_graphs == "on"
-    cache = str(settings.compile_cache_dir) if settings.compile_cache_dir else None
-    engine = EngineSettings(compile=settings.compile, cuda_graphs=graphs, cache_dir=cache, max_batch=settings.max_batch_size)
     try:
-        tiles = TileSettings(settings.tile_size, settings.tile_overlap, settings.max_batch_size)
-        restorer = Engine(model, device=settings.device, precision=settings.precision, tiles=tiles, settings=engine)
+        restorer = engine_for(settings, model)
     except ValueError as e:
         raise StartupError(
-            f"MPRNET_DEVICE={settings.device!r} / MPRNET_PRECISION={settings.precision!r} / MPRNET_COMPILE={settings.compile!r} / MPRNET_CUDA_GRAPHS={settings.cuda_graphs!r}: {e}"
+            f"MPRNET_ENGINE={settings.engine!r} / MPRNET_DEVICE={settings.device!r} / "
+            f"MPRNET_PRECISION={settings.precision!r} / MPRNET_COMPILE={settings.compile!r} / "
+            f"MPRNET_CUDA_GRAPHS={settings.cuda_graphs!r}: {e}"
         ) from None
     return TaskModel(
         task=task,

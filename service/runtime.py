@@ -108,8 +108,9 @@ class Service:
         """The shapes warm-up runs: every static shape the batcher can produce, or only the smallest."""
         shapes = self.planner.static_shapes()
         mode = self.settings.warmup
-        if mode == "auto":
-            mode = "full" if self.worker.device.type == "cuda" else "minimal"
+        if mode == "auto":  # every shape where an unprepared one would cost a request its compile time
+            prepares = any(m.engine.prepares_shapes for m in self.models.values())
+            mode = "full" if self.worker.device.type == "cuda" or prepares else "minimal"
         return shapes if mode == "full" else shapes[:1]
 
     def max_items(self, shape: tuple[int, int]) -> int:

@@ -86,9 +86,15 @@ class Settings(BaseSettings):
     # Default: 2 MP on CUDA; on the CPU one tile's worth (there, batches beyond ~1 MP run slower per
     # image: measured 256x256 on 2 cores, 550 ms/image in batches of 1-4, 930-1070 in batches of 8).
     batch_megapixels: float | None = Field(None, gt=0)
-    warmup: Literal["auto", "full", "minimal"] = "auto"  # auto: every static shape on CUDA, one per task on the CPU
+    # auto: every static shape on CUDA or with an engine that compiles shapes (OpenVINO), else one per task
+    warmup: Literal["auto", "full", "minimal"] = "auto"
 
-    # The engine (model/engine.py): per static shape, torch.compile and CUDA-graph replay.
+    # Which runtime runs the network (model/engine_api.py): auto is OpenVINO on the CPU when it is
+    # installed (scripts/setup.sh installs it; measured 2-5x torch's speed on 2 cores, docs/performance.md),
+    # torch on CUDA. OpenVINO keeps its exported graph and compiled shapes under compile_cache_dir.
+    engine: Literal["auto", "torch", "openvino"] = "auto"
+
+    # The torch engine (model/engine.py): per static shape, torch.compile and CUDA-graph replay.
     # Off by default: inductor compiles each static shape and batch size once, about a minute each on
     # a GPU (the default buckets and tiles make ~19 per task), before /readyz turns green. Turn it on
     # (default, or auto = default on CUDA) with MPRNET_COMPILE_CACHE_DIR on a volume that outlives restarts.
@@ -112,13 +118,13 @@ class Settings(BaseSettings):
     grace_period_s: float = Field(30.0, ge=0)
     png_effort: Literal["fast", "small"] = "fast"  # fast: "up" filter (about 1 ms at 256x256); small: adaptive, 1-4 % smaller
     codec_threads: int = Field(default_factory=lambda: max(2, min(8, available_cpus())), ge=1, le=64)
-    torch_threads: int = Field(0, ge=0, le=1024)  # CPU intra-op threads for the model; 0: the CPUs we may use
+    torch_threads: int = Field(0, ge=0, le=1024)  # CPU threads for the model (torch or OpenVINO); 0: the CPUs we may use
 
     api_token: SecretStr | None = None  # when set, /restore and /tasks need "Authorization: Bearer <token>"
     ui_enabled: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("log_level", "precision", "warmup", "compile", "cuda_graphs", mode="before")
+    @field_validator("log_level", "precision", "warmup", "engine", "compile", "cuda_graphs", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.strip().lower() if isinstance(v, str) else v

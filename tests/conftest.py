@@ -6,12 +6,16 @@ Packages add their own conftest.py for what only they need; keep this one generi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Tests run on torch unless they name an engine (the CLI and the service read this too): OpenVINO
+# exports and compiles each model before its first image, and has tests of its own.
+os.environ.setdefault("MPRNET_ENGINE", "torch")
 
 
 def _cuda_available() -> bool:

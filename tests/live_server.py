@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small and quick on a shared 2-core CPU: tiny model, 32/64 px buckets, 64 px tiles.
 TEST_ENV = {
     "MPRNET_DEVICE": "cpu",
+    "MPRNET_ENGINE": "torch",  # the tiny test model on torch; the OpenVINO engine has tests of its own
     "MPRNET_TORCH_THREADS": "1",
     "MPRNET_BUCKETS": "32,64",
     "MPRNET_TILE_SIZE": "64",

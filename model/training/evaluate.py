@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
+from ..engine_api import ENGINES
 from ..variants import TASKS
 from .data import HOLDOUT_PHOTOS, find_pairs, list_images, load_image, skimage_photo_dir
 from .degrade import benchmark_degrade
@@ -99,11 +101,14 @@ def baseline(task: str) -> Restore:
     raise ValueError(f"unknown task {task!r}")
 
 
-def model_restorer(model: torch.nn.Module, device: str = "cpu", precision: str = "fp32") -> Restore:
-    """Wrap any MPRNet-shaped module (returns a list, element 0 the result) as a Restore function."""
-    from ..inference import Restorer
+def model_restorer(model: torch.nn.Module, device: str = "cpu", precision: str = "fp32", engine: str = "torch"
+                   ) -> Restore:
+    """Wrap any MPRNet-shaped module (returns a list, element 0 the result) as a Restore function, on `engine`."""
+    from ..engine import EngineSettings
+    from ..engine_api import build_engine
 
-    restorer = Restorer(model, device=device, precision=precision)
+    restorer = build_engine(model, engine, device=device, precision=precision,
+                            torch_settings=EngineSettings(compile="off", cuda_graphs=False))
 
     def run(img: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
@@ -167,7 +172,8 @@ def _main(args: argparse.Namespace) -> int:
 
     weights = Path(args.weights) if args.weights else bundled_weights(args.task)
     items = load_set(args.task, args.pairs, args.clean, args.crop, rain=args.rain)
-    result = evaluate(args.task, model_restorer(load_mprnet(weights), args.device), items, with_baseline=not args.no_baseline)
+    restore = model_restorer(load_mprnet(weights), args.device, engine=args.engine)
+    result = evaluate(args.task, restore, items, with_baseline=not args.no_baseline)
     result["weights"] = str(weights)
     table = f"{args.task}: PSNR (dB) / SSIM, mean over {len(items)} images\n\n" + markdown(result)
     print(table)
@@ -190,6 +196,8 @@ def register_cli(sub) -> None:
                    help="derain: draw the rain with the spec's renderer (what training's old single renderer drew) or "
                    "the separately written held-out one (-thin: only its dense 1-px streaks)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--engine", default=os.environ.get("MPRNET_ENGINE", "auto"), choices=ENGINES,
+                   help="auto (OpenVINO on the CPU when installed, else torch), torch, openvino")
     p.add_argument("--json", help="write the full results as JSON here")
     p.add_argument("--markdown", help="write the markdown table here")
     p.set_defaults(func=_main)

@@ -30,7 +30,7 @@ def test_cpu_run_writes_table_and_json(tmp_path, capsys):
     assert report["command"].startswith("python bench/model.py --device cpu")
     assert "RSS" in report["memory_method"] and report["timing"] == "time.perf_counter"
     rows = report["results"]
-    assert len(rows) == 4 and all(set(r) == FIELDS for r in rows)
+    assert len(rows) == 4 and all(set(r) == FIELDS for r in rows)  # no engine rows: no diff-vs-torch field
     for r in rows:
         assert r["images_per_s"] > 0 and r["megapixels_per_s"] > 0 and r["tflops_per_s"] > 0
         assert r["median_s"] >= r["min_s"] > 0 and r["peak_mib"] >= 0
@@ -54,3 +54,18 @@ def test_flop_count_matches_the_papers_figure():
 def test_cpu_refuses_cuda_only_precisions():
     with pytest.raises(SystemExit, match="need CUDA"):
         main(["--device", "cpu", "--config", "tiny", "--size", "8", "--precision", "fp16"])
+
+
+def test_engines_side_by_side_on_the_bundled_weights(tmp_path, capsys):
+    pytest.importorskip("openvino")
+    out = tmp_path / "bench.json"
+    args = ["--device", "cpu", "--config", "bundled-derain", "--size", "16x24", "--batch", "2", "--impl", "ours",
+            "--engine", "torch", "openvino", "--warmup", "0", "--repeats", "1", "--threads", "1", "--json", str(out)]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert table.count("\n| ours | bundled-derain | 16x24 | 2 |") == 1
+    assert table.count("\n| openvino | bundled-derain | 16x24 | 2 |") == 1
+    (ours, ov) = json.loads(out.read_text())["results"]
+    assert (ours["impl"], ov["impl"]) == ("ours", "openvino")
+    assert ov["max_abs_diff_vs_torch"] <= 1e-4 and ov["images_per_s"] > 0
+    assert ov["gflops_per_image"] == pytest.approx(ours["gflops_per_image"])  # the same network

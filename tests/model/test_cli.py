@@ -199,3 +199,51 @@ def test_deep_grey_tiff_to_png(tmp_path, tiny_checkpoint):
     assert _restore(src, "-o", tmp_path / "deep.png", weights=tiny_checkpoint) == 0
     with Image.open(tmp_path / "deep.png") as out:
         assert out.mode == "I;16" and out.size == (16, 16)
+
+
+def test_restore_on_the_openvino_engine_matches_torch(tmp_path, tiny_checkpoint, photo, capsys):
+    pytest.importorskip("openvino")
+    src = _write(tmp_path / "in.png", photo[:61, :45])
+    common = ["restore", "--task", "denoise", "--weights", str(tiny_checkpoint), "--device", "cpu", "--tile", "32",
+              "--tile-overlap", "8", "--cache-dir", str(tmp_path / "cache"), str(src)]
+    assert main([*common, "--engine", "openvino", "-o", str(tmp_path / "ov.png")]) == 0
+    assert "(openvino, fp32)" in capsys.readouterr().err
+    assert main([*common, "--engine", "torch", "-o", str(tmp_path / "torch.png")]) == 0
+    ov, ref = (np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("ov.png", "torch.png"))
+    assert ov.shape == (61, 45, 3) and np.abs(ov - ref).max() <= 1  # tiled: 32-pixel tiles
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_export_writes_a_dynamic_model_and_its_card(tmp_path, tiny_checkpoint, fmt):
+    ov = pytest.importorskip("openvino")
+    import json
+
+    import torch
+
+    from model.checkpoint import load_mprnet
+
+    out = tmp_path / "export"
+    assert main(["export", "--task", "derain", "--weights", str(tiny_checkpoint), "--format", fmt, "-o", str(out)]) == 0
+    card = json.loads((out / "mprnet-derain.model-card.json").read_text())
+    assert card["format"] == fmt and card["onnx_opset"] == 17 and card["input"]["range"] == [0.0, 1.0]
+    assert "multiples of 8" in card["padding"] and card["config"]["n_feat"] == 8
+    assert "licence" in card["weights_licence"]
+    model_file = out / card["files"][0]
+    assert model_file.suffix == (".onnx" if fmt == "onnx" else ".xml")
+    assert all((out / f).is_file() for f in card["files"])
+    compiled = ov.Core().compile_model(str(model_file), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    net = load_mprnet(tiny_checkpoint).eval()
+    for shape in [(1, 3, 32, 48), (2, 3, 56, 40)]:  # any batch, height and width (multiples of 8)
+        x = torch.rand(shape)
+        with torch.inference_mode():
+            want = net(x)[0].clamp(0, 1).numpy()
+        assert np.abs(compiled(x.numpy())[0] - want).max() <= 1e-4
+
+
+def test_export_of_the_bundled_weights_names_their_licence(tmp_path):
+    pytest.importorskip("openvino")
+    import json
+
+    assert main(["export", "--task", "derain", "--format", "onnx", "-o", str(tmp_path)]) == 0
+    card = json.loads((tmp_path / "mprnet-derain.model-card.json").read_text())
+    assert card["weights_licence"].startswith("Apache-2.0") and card["weights"].endswith("derain.safetensors")

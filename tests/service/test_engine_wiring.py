@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from prometheus_client import generate_latest
@@ -10,12 +11,13 @@ from pydantic import ValidationError
 
 from model.engine import Engine, MemoryUse
 from model.engine_api import InferenceEngine
+from service.app import create_app
 from service.loading import StartupError, load_task
 from service.metrics import Metrics
 from service.runtime import Service
 from service.worker import DeviceWorker
 from tests.live_server import metric_value, tiny_weights
-from tests.service.conftest import fake_models, test_settings
+from tests.service.conftest import decode, fake_models, png, rand_image, running, test_settings, wait_ready
 
 
 def test_models_run_on_the_engine_with_the_service_settings(tmp_path):
@@ -81,3 +83,34 @@ def test_memory_report_becomes_gauges():
     text = generate_latest(metrics.registry).decode()
     assert metric_value(text, "mprnet_engine_memory_bytes", task="deblur", shape="512x256", batch="4") == 123
     assert 'shape="32x32"' not in text  # the CPU measures nothing: no made-up zero
+
+
+@pytest.mark.anyio
+async def test_the_openvino_engine_serves_what_torch_serves(tmp_path):
+    """MPRNET_ENGINE=openvino with the threads and cache settings; GET /tasks names it; a padded 8-bit request
+    and a tiled one answer within one level of the torch engine's answer."""
+    pytest.importorskip("openvino")
+    cache = tmp_path / "cache"
+    common = dict(weights_dir=tiny_weights(tmp_path), ui_enabled=False, tasks="denoise", compile_cache_dir=cache)
+    ov_model = load_task(test_settings(engine="openvino", **common), "denoise")
+    torch_model = load_task(test_settings(engine="torch", **common), "denoise")
+    images = [rand_image(45, 61, seed=1), rand_image(100, 70, seed=2)]  # a padded bucket, then 64-pixel tiles
+    answers = {}
+    for name, model in (("openvino", ov_model), ("torch", torch_model)):
+        async with running(create_app(test_settings(engine=name, **common), models={"denoise": model})) as client:
+            await wait_ready(client)
+            engine = (await client.get("/tasks")).json()["tasks"]["denoise"]["engine"]
+            assert engine["name"] == name
+            raw = {"content-type": "image/png"}
+            answers[name] = [await client.post("/restore/denoise", content=png(a), headers=raw) for a in images]
+    assert engine["name"] == "torch" and ov_model.describe()["engine"]["threads"] == 1  # MPRNET_TORCH_THREADS=1
+    assert ov_model.describe()["engine"]["cache_dir"] == str((cache / "openvino").resolve())
+    for ov, ref, image in zip(answers["openvino"], answers["torch"], images, strict=True):
+        assert ov.status_code == ref.status_code == 200
+        got, want = decode(ov.content).astype(int), decode(ref.content).astype(int)
+        assert got.shape == image.shape and np.abs(got - want).max() <= 1
+
+
+def test_unknown_engine_is_refused():
+    with pytest.raises(ValidationError, match="engine"):
+        test_settings(engine="tensorrt")
