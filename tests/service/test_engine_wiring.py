@@ -91,9 +91,12 @@ async def test_the_openvino_engine_serves_what_torch_serves(tmp_path):
     and a tiled one answer within one level of the torch engine's answer."""
     pytest.importorskip("openvino")
     cache = tmp_path / "cache"
-    common = dict(weights_dir=tiny_weights(tmp_path), ui_enabled=False, tasks="denoise", compile_cache_dir=cache)
+    # one shape warmed, batches of one: few compiles, so that a loaded 2-core machine is ready within the wait
+    common = dict(weights_dir=tiny_weights(tmp_path), ui_enabled=False, tasks="denoise", compile_cache_dir=cache,
+                  max_batch_size=1, warmup="minimal")
     ov_model = load_task(test_settings(engine="openvino", **common), "denoise")
     torch_model = load_task(test_settings(engine="torch", **common), "denoise")
+    assert ov_model.engine.prepares_shapes and not torch_model.engine.prepares_shapes
     images = [rand_image(45, 61, seed=1), rand_image(100, 70, seed=2)]  # a padded bucket, then 64-pixel tiles
     answers = {}
     for name, model in (("openvino", ov_model), ("torch", torch_model)):
@@ -101,6 +104,8 @@ async def test_the_openvino_engine_serves_what_torch_serves(tmp_path):
             await wait_ready(client)
             engine = (await client.get("/tasks")).json()["tasks"]["denoise"]["engine"]
             assert engine["name"] == name
+            if name == "openvino":
+                assert [(s["batch"], s["height"], s["width"]) for s in engine["shapes"]] == [(1, 32, 32)]
             raw = {"content-type": "image/png"}
             answers[name] = [await client.post("/restore/denoise", content=png(a), headers=raw) for a in images]
     assert engine["name"] == "torch" and ov_model.describe()["engine"]["threads"] == 1  # MPRNET_TORCH_THREADS=1
@@ -114,3 +119,18 @@ async def test_the_openvino_engine_serves_what_torch_serves(tmp_path):
 def test_unknown_engine_is_refused():
     with pytest.raises(ValidationError, match="engine"):
         test_settings(engine="tensorrt")
+
+
+def test_an_engine_that_compiles_shapes_is_warmed_on_every_shape():
+    class Compiling(Recorder):
+        prepares_shapes = True
+
+    settings = test_settings(max_batch_size=4, buckets="32,64", tile_size=64)  # MPRNET_WARMUP=auto
+    plain = Service(settings, fake_models(("derain",), Recorder()))
+    compiling = Service(settings, fake_models(("derain",), Compiling()))
+    try:
+        assert plain.warmup_shapes() == plain.planner.static_shapes()[:1]  # torch on the CPU: one shape
+        assert compiling.warmup_shapes() == compiling.planner.static_shapes()  # OpenVINO: all of them
+    finally:
+        plain.worker.close()
+        compiling.worker.close()
