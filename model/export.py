@@ -100,7 +100,9 @@ def model_card(model: nn.Module, task: str, weights: str, licence: str, fmt: str
     }
 
 
-def export(model: nn.Module, fmt: str, out_dir: str | os.PathLike[str], *, task: str, weights: str, licence: str) -> list[Path]:
+def export(
+    model: nn.Module, fmt: str, out_dir: str | os.PathLike[str], *, task: str, weights: str, licence: str
+) -> list[Path]:
     """Write the restoration as `fmt` (onnx: one .onnx file; openvino: .xml + .bin) and a model card into
     `out_dir`; the paths written."""
     if fmt not in FORMATS:

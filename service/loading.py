@@ -61,7 +61,8 @@ def engine_for(settings: Settings, model: torch.nn.Module) -> InferenceEngine:
     tiles = TileSettings(settings.tile_size, settings.tile_overlap, settings.max_batch_size)
     return build_engine(
         model, settings.engine, device=settings.device, precision=settings.precision, tiles=tiles,
-        threads=settings.torch_threads, cache_dir=cache, max_batch=settings.max_batch_size, torch_settings=torch_settings,
+        threads=settings.model_threads(), cache_dir=cache, max_batch=settings.max_batch_size,
+        torch_settings=torch_settings,
     )
 
 

@@ -118,7 +118,7 @@ class Settings(BaseSettings):
     grace_period_s: float = Field(30.0, ge=0)
     png_effort: Literal["fast", "small"] = "fast"  # fast: "up" filter (about 1 ms at 256x256); small: adaptive, 1-4 % smaller
     codec_threads: int = Field(default_factory=lambda: max(2, min(8, available_cpus())), ge=1, le=64)
-    torch_threads: int = Field(0, ge=0, le=1024)  # CPU threads for the model (torch or OpenVINO); 0: the CPUs we may use
+    torch_threads: int = Field(0, ge=0, le=1024)  # the model's CPU threads (torch or OpenVINO); 0: the CPUs we may use
 
     api_token: SecretStr | None = None  # when set, /restore and /tasks need "Authorization: Bearer <token>"
     ui_enabled: bool = True
