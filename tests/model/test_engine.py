@@ -266,22 +266,23 @@ def test_warm_up_leaves_no_recompile_for_real_batches(dynamo_frames, channels_la
     assert dynamo_frames() == warm
 
 
-def test_recompile_limit_grows_with_shapes_times_tasks(dynamo_frames, monkeypatch):
+def test_recompile_limit_grows_with_shapes_times_tasks(dynamo_frames):
     """Every static shape of every engine is a version of the same frame; past dynamo's limit a shape would
     run eagerly (here: raise). The limits must grow with each shape compiled, whatever they were when the
     engines were made: 2 tasks x 3 batch sizes x 2 shapes = 12 compiles, over dynamo's default 8."""
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     settings = EngineSettings(compile="default", backend="eager", max_batch=4)
     engines = [Engine(ConvNet(width), device="cpu", precision="fp32", settings=settings) for width in (4, 6)]
-    for name in ("recompile_limit", "accumulated_recompile_limit"):
-        monkeypatch.setattr(torch._dynamo.config, name, 8)  # dynamo's defaults are 8 and 256; restored after
-    for engine in engines:
-        engine.warmup([(8, 8), (8, 16)])
-    assert dynamo_frames() == 12
-    assert torch._dynamo.config.recompile_limit >= 12 and torch._dynamo.config.accumulated_recompile_limit >= 12
-    for engine in engines:
-        engine.run_batch(torch.rand(3, 3, 8, 16))
-    assert dynamo_frames() == 12
+    # dynamo's own patch restores the limits after (dynamo's defaults are 8 and 256); monkeypatch would
+    # undo through the config module's delattr, which hides the option for every later test
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=8, accumulated_recompile_limit=8):
+        for engine in engines:
+            engine.warmup([(8, 8), (8, 16)])
+        assert dynamo_frames() == 12
+        assert torch._dynamo.config.recompile_limit >= 12 and torch._dynamo.config.accumulated_recompile_limit >= 12
+        for engine in engines:
+            engine.run_batch(torch.rand(3, 3, 8, 16))
+        assert dynamo_frames() == 12
+    assert hasattr(torch._dynamo.config, "recompile_limit")
 
 
 def test_engines_on_one_gpu_share_a_lock_and_one_graph_pool(monkeypatch):
