@@ -73,7 +73,8 @@ def make_images(sizes: list[tuple[int, int]]) -> list[bytes]:
     images = []
     for w, h in sizes:
         scale = max(w / photo.width, h / photo.height)
-        resized = photo.resize((max(w, round(photo.width * scale)), max(h, round(photo.height * scale))), Image.Resampling.BICUBIC)
+        target = (max(w, round(photo.width * scale)), max(h, round(photo.height * scale)))
+        resized = photo.resize(target, Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         resized.crop((0, 0, w, h)).save(buf, "PNG")
         images.append(buf.getvalue())
@@ -301,10 +302,16 @@ def device_seconds(url: str, task: str) -> float:
 def summarize(label: str, samples: list[Sample], elapsed: float, busy: float) -> dict[str, float | str]:
     ok = [s for s in samples if s.status == 200]
     e2e = np.array([s.e2e for s in ok]) if ok else np.zeros(1)
-    part = lambda name: np.array([s.timing.get(name, 0) for s in ok]) if ok else np.zeros(1)
+
+    def part(name: str) -> np.ndarray:
+        return np.array([s.timing.get(name, 0) for s in ok]) if ok else np.zeros(1)
+
     queue, infer, dec, enc = part("queue"), part("inference"), part("decode"), part("encode")
     overhead = e2e - queue - infer
-    p = lambda a, q: float(np.percentile(a, q))
+
+    def p(a: np.ndarray, q: float) -> float:
+        return float(np.percentile(a, q))
+
     return {
         "load": label,
         "requests": len(samples),
@@ -322,7 +329,10 @@ def summarize(label: str, samples: list[Sample], elapsed: float, busy: float) ->
 
 def table(rows: list[dict]) -> str:
     keys = list(rows[0])
-    fmt = lambda v: (f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}") if isinstance(v, float) else str(v)
+
+    def fmt(v: object) -> str:
+        return (f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}") if isinstance(v, float) else str(v)
+
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
@@ -354,7 +364,8 @@ def raw_throughput(weights: Path, task: str, sizes: list[tuple[int, int]], max_r
         seconds = []
         for x in items:
             group = x.repeat(n, 1, 1, 1)  # n requests' worth of this size's items
-            step = min(settings.max_batch_size, max(1, int(settings.batch_pixels(restorer.device.type) // (x.shape[2] * x.shape[3]))))
+            per_batch = int(settings.batch_pixels(restorer.device.type) // (x.shape[2] * x.shape[3]))
+            step = min(settings.max_batch_size, max(1, per_batch))
             worker.run_sync(task, group[:step].unbind(0))  # warm
             start = time.perf_counter()
             for _ in range(repeats):
@@ -389,13 +400,15 @@ def codec_cpu_ms(images: list[bytes], repeats: int = 30) -> tuple[float, float]:
         dec += (time.thread_time() - start) / repeats
         start = time.thread_time()
         for _ in range(repeats):
-            codec.encode(plan.assemble(list(plan.inputs)), decoded, "png", None, settings.png_effort)  # identity output: the input's content
+            # identity output: the input's content
+            codec.encode(plan.assemble(list(plan.inputs)), decoded, "png", None, settings.png_effort)
         enc += (time.thread_time() - start) / repeats
     return 1000 * dec / len(images), 1000 * enc / len(images)
 
 
 def spawn(weights: Path, task: str, port: int) -> subprocess.Popen:
-    env = {"MPRNET_TASKS": task, **os.environ, "MPRNET_HOST": "127.0.0.1", "MPRNET_PORT": str(port), "MPRNET_LOG_LEVEL": "warning"}
+    env = {"MPRNET_TASKS": task, **os.environ,
+           "MPRNET_HOST": "127.0.0.1", "MPRNET_PORT": str(port), "MPRNET_LOG_LEVEL": "warning"}
     env.setdefault("MPRNET_WEIGHTS_DIR" if weights.is_dir() else f"MPRNET_WEIGHTS_{task.upper()}", str(weights))
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env)
     deadline = time.monotonic() + 600
@@ -430,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="a running server (else --spawn)")
     ap.add_argument("--spawn", action="store_true", help="start `python -m service` on 127.0.0.1 (MPRNET_* from the environment)")
-    ap.add_argument("--weights", default=str(ROOT / "model" / "weights"), help="weights file or directory (for --spawn and --raw); 'tiny': a seeded TINY model")
+    ap.add_argument("--weights", default=str(ROOT / "model" / "weights"),
+                    help="weights file or directory (for --spawn and --raw); 'tiny': a seeded TINY model")
     ap.add_argument("--task", default="denoise")
     ap.add_argument("--sizes", default="256x256", help="image mix, WIDTHxHEIGHT comma list, sent round-robin")
     ap.add_argument("--concurrency", default="1,2,4,8", help="closed-loop client counts")
@@ -440,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overload", type=float, metavar="F", help="after the sweep, run F x the saturation concurrency")
     ap.add_argument("--raw", action="store_true", help="measure the model alone first (before the server starts)")
     ap.add_argument("--raw-repeats", type=int, default=5)
-    ap.add_argument("--client", choices=["raw", "httpx"], default="raw", help="HTTP client: raw (minimal, about 0.4 ms per request) or httpx (about 2 ms)")
+    ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                    help="HTTP client: raw (minimal, about 0.4 ms per request) or httpx (about 2 ms)")
     ap.add_argument("--protocol", choices=["native", "v2", "both"], default="native",
                     help="native: POST /restore/{task} with PNG; v2: Open Inference Protocol, binary UINT8 tensors")
     args = ap.parse_args(argv)
@@ -496,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{protocols[0]}) for {elapsed:.1f} s; a refused client waits its Retry-After")
         print(table(mix))
     dec, enc = codec_cpu_ms(images)
-    print(f"\ncodec CPU per request, one thread, no load from this benchmark: decode+plan {dec:.1f} ms, assemble+PNG encode {enc:.1f} ms")
+    print(f"\ncodec CPU per request, one thread, no load from this benchmark: "
+          f"decode+plan {dec:.1f} ms, assemble+PNG encode {enc:.1f} ms")
     if raw is not None:
         after = raw_throughput(args.weights, args.task, sizes, max(levels), args.raw_repeats)
         best = max(float(r["req/s"]) for r in rows)

@@ -130,7 +130,8 @@ class Case:
     def forward(self) -> torch.Tensor:
         if self.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new step may reuse output memory
-        autocast = torch.autocast(self.x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
+        autocast = (torch.autocast(self.x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
             return self.model(self.x)[0]
 
@@ -212,7 +213,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", nargs="+", type=int, default=[1])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "fp32", "tf32", "bf16", "fp16"],
-                   help="fp32 (TF32 off), tf32 (fp32 with TF32 convs/matmuls, CUDA), bf16/fp16 autocast; auto: bf16 on CUDA, fp32 on CPU")
+                   help="fp32 (TF32 off), tf32 (fp32 with TF32 convs/matmuls, CUDA), bf16/fp16 autocast; "
+                        "auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--memory-format", nargs="+", default=["auto"], choices=["auto", "contiguous", "channels_last"],
                    help="auto: channels_last on CUDA, contiguous on CPU")
     p.add_argument("--compile", nargs="+", default=["none"], choices=["none", "default", "reduce-overhead"])
@@ -229,8 +231,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def machine(device: torch.device) -> dict[str, Any]:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device), "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
     with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
         info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     with contextlib.suppress(OSError):
@@ -241,7 +243,10 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
     cuda = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -270,10 +275,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 x = torch.rand(shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
                 for precision in dict.fromkeys(precisions):
                     for fmt in dict.fromkeys(formats):
-                        xin = x.contiguous(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
+                        layout = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+                        xin = x.contiguous(memory_format=layout)
                         for compile_mode in args.compile:
-                            cases = {impl: Case(build(impl, config, weights, device, fmt == "channels_last", compile_mode), xin, precision, compile_mode)
-                                     for impl in args.impl}
+                            cases = {
+                                impl: Case(build(impl, config, weights, device, fmt == "channels_last", compile_mode),
+                                           xin, precision, compile_mode)
+                                for impl in args.impl
+                            }
                             if precision == "fp32" and compile_mode == "none":
                                 cases.update({e: EngineCase(engine, x) for e, engine in engines.items()})
                             if cuda:
@@ -316,9 +325,11 @@ def markdown(report: dict[str, Any]) -> str:
         engine = r["impl"] not in IMPLS and key in ours
         vs_torch = f"{r['images_per_s'] / ours[key]['images_per_s']:.2f}x" if engine else ""
         diff_torch = f"{r['max_abs_diff_vs_torch']:.1e}" if engine else ""
-        diff = f"{r['max_abs_diff_vs_reference']:.1e}" if r["max_abs_diff_vs_reference"] is not None and r["impl"] == "ours" else ""
+        has_ref = r["max_abs_diff_vs_reference"] is not None and r["impl"] == "ours"
+        diff = f"{r['max_abs_diff_vs_reference']:.1e}" if has_ref else ""
         lines.append(
-            f"| {r['impl']} | {r['config']} | {r['height']}x{r['width']} | {r['batch']} | {r['precision']} | {r['memory_format']} "
+            f"| {r['impl']} | {r['config']} | {r['height']}x{r['width']} | {r['batch']} | {r['precision']} "
+            f"| {r['memory_format']} "
             f"| {r['compile']} | {r['median_s'] * 1e3:.1f} | {r['images_per_s']:.2f} | {r['megapixels_per_s']:.3g} "
             f"| {r['tflops_per_s']:.3g} | {r['peak_mib']:.1f} | {ratio} | {diff} | {vs_torch} | {diff_torch} |"
         )

@@ -90,7 +90,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=env("MPRNET_COMPILE_CACHE_DIR") or str(Path.home() / ".cache" / "mprnet"),
                    help="keeps exported and compiled models across runs ($MPRNET_COMPILE_CACHE_DIR or ~/.cache/mprnet)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--tile", type=int, default=512, help="tile size for large images (multiple of 8)")
     p.add_argument("--tile-overlap", type=int, default=32, help="overlap between tiles (multiple of 8)")
     p.add_argument("--tile-batch", type=int, default=4, help="tiles per forward pass")
@@ -174,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("restore", help="restore image files or folders")
     p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--weights", help="checkpoint (.pth of the release, plain state dict, .safetensors, or mprnet train's last.pt / best.pt); default: bundled")
+    p.add_argument("--weights", help="checkpoint (.pth of the release, plain state dict, .safetensors, "
+                                     "or mprnet train's last.pt / best.pt); default: bundled")
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("-o", "--output", required=True, help="output file (one input) or folder (same names)")
     p.add_argument("--overwrite", action="store_true", help="let outputs replace input files (same path in and out)")

@@ -8,8 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from .errors import install_handlers
-from .middleware import RequestContext
 from .loading import TaskModel, load_models
+from .middleware import RequestContext
 from .routes import router
 from .runtime import Service
 from .settings import Settings

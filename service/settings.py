@@ -107,7 +107,8 @@ class Settings(BaseSettings):
     queue_max_megapixels: float = Field(100.0, gt=0)
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(25_000_000, ge=1)
-    max_inflight_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)  # bodies received or awaiting decode, all requests together
+    # bodies received or awaiting decode, all requests together
+    max_inflight_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     # Time one decode may take before it is stopped with 413 (checked between the decoder's reads of at most
     # 64 KB; a 25 MP PNG or progressive JPEG decodes in about 1 s on one core of the 2-core CPU).
     decode_budget_s: float = Field(10.0, gt=0, le=600)
@@ -182,20 +183,26 @@ class Settings(BaseSettings):
         if self.tile_size % 8:
             raise ValueError(f"MPRNET_TILE_SIZE={self.tile_size}: must be a multiple of 8")
         if self.tile_overlap % 8 or self.tile_overlap * 2 >= self.tile_size:
-            raise ValueError(f"MPRNET_TILE_OVERLAP={self.tile_overlap}: must be a multiple of 8 and under half of MPRNET_TILE_SIZE={self.tile_size}")
+            raise ValueError(
+                f"MPRNET_TILE_OVERLAP={self.tile_overlap}: must be a multiple of 8 "
+                f"and under half of MPRNET_TILE_SIZE={self.tile_size}"
+            )
         largest = self.largest_item_pixels()
         if self.batch_megapixels is not None and largest > self.batch_megapixels * MEGA:
             raise ValueError(
-                f"MPRNET_BATCH_MEGAPIXELS={self.batch_megapixels}: smaller than one {largest / MEGA:.3f} MP bucket or tile; raise it or shrink buckets/tiles"
+                f"MPRNET_BATCH_MEGAPIXELS={self.batch_megapixels}: smaller than one {largest / MEGA:.3f} MP "
+                "bucket or tile; raise it or shrink buckets/tiles"
             )
         if self.max_inflight_upload_bytes < self.max_upload_bytes:
             raise ValueError(
-                f"MPRNET_MAX_INFLIGHT_UPLOAD_BYTES={self.max_inflight_upload_bytes}: smaller than MPRNET_MAX_UPLOAD_BYTES={self.max_upload_bytes}, "
+                f"MPRNET_MAX_INFLIGHT_UPLOAD_BYTES={self.max_inflight_upload_bytes}: "
+                f"smaller than MPRNET_MAX_UPLOAD_BYTES={self.max_upload_bytes}, "
                 "so an upload of the allowed size could never be received"
             )
         if self.max_pixels > self.queue_max_megapixels * MEGA:
             raise ValueError(
-                f"MPRNET_MAX_PIXELS={self.max_pixels}: larger than MPRNET_QUEUE_MAX_MEGAPIXELS={self.queue_max_megapixels} MP, so such an image could never be queued"
+                f"MPRNET_MAX_PIXELS={self.max_pixels}: larger than "
+                f"MPRNET_QUEUE_MAX_MEGAPIXELS={self.queue_max_megapixels} MP, so such an image could never be queued"
             )
         return self
 
@@ -214,7 +221,9 @@ class Settings(BaseSettings):
 
     def weights_for(self, task: str) -> Path | None:
         """The configured weights file for `task`, or None for the bundled default."""
-        for path, setting in ((getattr(self, f"weights_{task}"), f"MPRNET_WEIGHTS_{task.upper()}"), (self.weights_dir, "MPRNET_WEIGHTS_DIR")):
+        candidates = ((getattr(self, f"weights_{task}"), f"MPRNET_WEIGHTS_{task.upper()}"),
+                      (self.weights_dir, "MPRNET_WEIGHTS_DIR"))
+        for path, setting in candidates:
             if path is None:
                 continue
             if path.is_file():
