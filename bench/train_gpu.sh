@@ -2,13 +2,13 @@
 # Deblur training on one GPU, in one call: `mprnet train --task deblur` at a width that ships
 # (n_feat 48, scale_unetfeats 16, scale_orsnetfeats 8, num_cab 4: 3.2 M parameters, 6.5 MB in fp16;
 # the paper's 96/48/32/8 would be 40 MB), bf16 autocast, the paper's loss, batch 16 of 192 px crops,
-# a 10-minute wall-clock budget with the cosine decay following it, validation on the three held-out
+# an 8-minute wall-clock budget with the cosine decay following it, validation on the three held-out
 # photos blurred with 8 seeded kernels each (--val-repeats 8). Checkpoints, the fp16 export and the
 # log land in $OUT/deblur (what comes back from the GPU machine). Evaluate afterwards on the CPU:
 #   mprnet evaluate --task deblur --weights out/deblur/best.safetensors
 #
 #   bash bench/train_gpu.sh --prepare   # here, with network: fill .train/ (photos, held-out photos, wheels)
-#   bash bench/train_gpu.sh             # there, with .train carried: the run (about 11 minutes)
+#   bash bench/train_gpu.sh             # there, with .train carried: the run (about 9 minutes)
 #   bash bench/train_gpu.sh --smoke     # CPU, tiny width, a few steps: the same command's plumbing
 #   bash bench/train_gpu.sh --print     # print the training command and exit
 #
@@ -17,7 +17,8 @@
 # scikit-image, for validation), whl/ (scipy and tqdm for CPython 3.12: the lent machines' image has
 # torch, numpy and Pillow but not these). --prepare refuses to finish if .train/ and the tracked
 # files together exceed 60 MiB (64 MiB can travel). Knobs: OUT, DATA (default .train), PYTHON,
-# MINUTES (default 10), DEBS (a folder of already downloaded .deb files for `mprnet photos --debs`).
+# MINUTES (default 8: the whole call, set-up included, must fit one 10-minute device command),
+# DEBS (a folder of already downloaded .deb files for `mprnet photos --debs`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -35,7 +36,7 @@ train_cmd() {
       --val-every 2 --val-crop 48 --val-repeats 2 --max-minutes 5 --threads 1
   else
     set -- --device cuda --n-feat 48 --scale-unet 16 --scale-ors 8 --num-cab 4 --batch 16 --patch 192 --steps 1000000 \
-      --val-every 250 --val-crop 256 --val-repeats 8 --max-minutes "${MINUTES:-10}"
+      --val-every 250 --val-crop 256 --val-repeats 8 --max-minutes "${MINUTES:-8}"
   fi
   echo "$PY" -m model train --task deblur --out "$OUT/deblur" --clean "$DATA/photos" --val-clean "$DATA/holdout" \
     --precision bf16 --lr 3e-4 --warmup 200 --clip 1.0 --seed 1 --quiet "$@"

@@ -33,7 +33,8 @@ def test_the_gpu_command_trains_deblur_wide_in_bf16_on_many_kernels():
     assert "-m model train" in result.stdout and f["--task"] == "deblur" and f["--device"] == "cuda"
     assert int(f["--n-feat"]) >= 48 and int(f["--num-cab"]) >= 4 and f["--precision"] == "bf16"
     assert int(f["--val-repeats"]) >= 8 and f["--out"] == "/results/deblur" and f["--clean"] == "/data/photos"
-    assert f["--val-clean"] == "/data/holdout" and float(f["--max-minutes"]) <= 11
+    assert f["--val-clean"] == "/data/holdout"
+    assert float(f["--max-minutes"]) <= 8  # the whole call must fit one 10-minute device command
 
 
 def test_smoke_run_trains_and_exports_under_out(tmp_path):
