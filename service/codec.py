@@ -59,7 +59,7 @@ class Decoded:
 
 
 class _OverBudget(Exception):
-    pass
+    """Raised inside Pillow's reads once the decode's time budget is spent; becomes a 413."""
 
 
 class _BudgetedFile(io.BytesIO):

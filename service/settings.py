@@ -41,7 +41,7 @@ def cgroup_cpu_quota(cgroup: Path) -> float | None:
         quota, period = (cgroup / "cpu.max").read_text().split()[:2]  # "max 100000" or "150000 100000"
         return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
-        pass
+        pass  # no cgroup v2 limit file here: look for v1's
     for v1 in (cgroup / "cpu", cgroup / "cpu,cpuacct"):
         try:
             quota_us = int((v1 / "cpu.cfs_quota_us").read_text())

@@ -336,7 +336,7 @@ class FakeCuda:
                 self.device = torch.device(device) if device is not None else fake.current
 
             def wait_stream(self, other) -> None:
-                pass
+                """Ordering between fake streams: nothing to do."""
 
         class Graph:
             def replay(self) -> None:

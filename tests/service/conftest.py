@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 import httpx
 import numpy as np
 import pytest
@@ -80,6 +81,13 @@ async def running(app) -> AsyncIterator[httpx.AsyncClient]:
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30) as client,
     ):
         yield client
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 20) -> None:
+    """Wait until `condition()` holds (state that another task changes, e.g. the queue depth); a bounded wait."""
+    with anyio.fail_after(timeout_s):
+        while not condition():
+            await anyio.sleep(0.005)
 
 
 async def wait_ready(client: httpx.AsyncClient) -> None:

@@ -13,7 +13,18 @@ import torch
 from service import codec
 from service.app import create_app
 from tests.live_server import metric_value
-from tests.service.conftest import FakeModel, asgi_call, decode, fake_app, fake_models, png, rand_image, running, test_settings
+from tests.service.conftest import (
+    FakeModel,
+    asgi_call,
+    decode,
+    fake_app,
+    fake_models,
+    png,
+    rand_image,
+    running,
+    test_settings,
+    until,
+)
 
 pytestmark = pytest.mark.anyio
 IMG = rand_image(20, 30, seed=1)
@@ -31,12 +42,6 @@ async def occupy(client, model: FakeModel):
     task = asyncio.create_task(client.post("/restore/deblur", content=png(rand_image(8, 8, seed=99)), headers=RAW))
     await anyio.to_thread.run_sync(model.entered.wait)
     return task
-
-
-async def until(condition) -> None:
-    with anyio.fail_after(20):
-        while not condition():
-            await anyio.sleep(0.005)
 
 
 async def test_readiness_waits_for_warm_up():

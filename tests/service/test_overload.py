@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from tests.live_server import metric_value
-from tests.service.conftest import FakeModel, SlowUpload, fake_app, png, rand_image, scope_for
+from tests.service.conftest import FakeModel, SlowUpload, fake_app, png, rand_image, scope_for, until
 
 pytestmark = pytest.mark.anyio
 RAW = {"content-type": "image/png"}
@@ -56,8 +56,6 @@ async def test_a_shorter_client_deadline_is_refused_where_the_default_is_admitte
         assert short.status_code == 429 and short.json()["code"] == "queue_full"
         patient = asyncio.create_task(client.post("/restore/deblur", content=png(rand_image(8, 8, seed=3)),
                                                   headers=RAW))
-        with anyio.fail_after(10):
-            while batcher.depth("deblur") < 1:
-                await anyio.sleep(0.005)
+        await until(lambda: batcher.depth("deblur") >= 1)
         model.gate.set()
         assert (await held).status_code == 200 and (await patient).status_code == 200

@@ -16,7 +16,7 @@ from PIL import Image
 
 from service.errors import ServiceError
 from service.pipeline import Images, Timings
-from tests.service.conftest import decode, fake_app, png, rand_image
+from tests.service.conftest import decode, fake_app, png, rand_image, until
 
 pytestmark = pytest.mark.anyio
 IMG = rand_image(20, 30, seed=3)
@@ -73,9 +73,7 @@ async def test_a_lazy_source_is_opened_only_once_admitted_and_left_once_queued()
         first = asyncio.create_task(service.restore("deblur", upload, fmt="png", **call(service)))
         await anyio.to_thread.run_sync(model.entered.wait)
         second = asyncio.create_task(service.restore("deblur", upload, fmt="png", **call(service)))
-        with anyio.fail_after(10):
-            while service.batcher.depth() < 1:
-                await anyio.sleep(0.005)
+        await until(lambda: service.batcher.depth() >= 1)
         assert events == ["open", ("close", 1), "open", ("close", 1)]  # each left with its request queued
         with pytest.raises(ServiceError) as e:  # the queue is full: refused before the source is opened
             await service.restore("deblur", upload, fmt="png", **call(service))
@@ -95,9 +93,7 @@ async def test_gone_drops_a_queued_request_before_compute():
         gone_image = rand_image(16, 16, seed=10)
         restoring = service.restore_pixels("deblur", gone_image, gone=went_away.wait, **call(service))
         dropped = asyncio.create_task(restoring)
-        with anyio.fail_after(10):
-            while service.batcher.depth() < 1:
-                await anyio.sleep(0.005)
+        await until(lambda: service.batcher.depth() >= 1)
         went_away.set()
         with pytest.raises(ServiceError) as e:
             await dropped

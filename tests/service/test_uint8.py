@@ -20,7 +20,7 @@ from service.app import create_app
 from service.loading import load_task
 from service.planner import Planner
 from service.worker import DeviceWorker
-from tests.service.conftest import FakeModel, decode, fake_app, png, rand_image, running, test_settings, wait_ready
+from tests.service.conftest import FakeModel, decode, fake_app, png, rand_image, running, test_settings, until, wait_ready
 
 RAW = {"content-type": "image/png"}
 
@@ -164,9 +164,7 @@ async def test_8_and_16_bit_requests_batched_together_each_get_their_own_answer(
         await anyio.to_thread.run_sync(model.entered.wait)  # the device is busy: the next two queue together
         eight, deep = rand_image(20, 30, seed=4), deep_grey(18, 22, seed=5)
         answers = [asyncio.create_task(client.post("/restore/deblur", content=png(a), headers=RAW)) for a in (eight, deep)]
-        with anyio.fail_after(20):
-            while app.state.service.batcher.depth() < 2:
-                await anyio.sleep(0.005)
+        await until(lambda: app.state.service.batcher.depth() >= 2)
         model.gate.set()
         assert (await first).status_code == 200
         r8, r16 = [await a for a in answers]
