@@ -98,10 +98,11 @@ class SyntheticPatches:
 
     Images smaller than the crop (plus the blur margin) are rejected at construction. Larger images
     are picked with probability proportional to their area, so every pixel is equally likely.
+    `rain` restricts the derain family (``degrade.parse_rain_family``); None draws all of it.
     """
 
-    def __init__(self, images: Sequence[np.ndarray], task: str, patch: int) -> None:
-        self.task, self.patch, self.margin = task, patch, TASK_MARGIN[task]
+    def __init__(self, images: Sequence[np.ndarray], task: str, patch: int, rain: dict | None = None) -> None:
+        self.task, self.patch, self.margin, self.rain = task, patch, TASK_MARGIN[task], rain
         need = patch + 2 * self.margin
         small = [i for i, im in enumerate(images) if min(im.shape[:2]) < need]
         if small:
@@ -114,7 +115,7 @@ class SyntheticPatches:
         img = self.images[int(rng.choice(len(self.images), p=self.p))]
         size = self.patch + 2 * self.margin
         (big,) = augment([_crop(img, *_random_origin(*img.shape[:2], size, rng), size)], rng)
-        low = degrade(self.task, big, rng, valid=True)  # deblur consumes the margin
+        low = degrade(self.task, big, rng, valid=True, rain=self.rain)  # deblur consumes the margin
         m = self.margin
         return low, big[m:m + self.patch, m:m + self.patch]
 

@@ -39,7 +39,9 @@ derain
     (``RAIN_PROFILES``: hard 1-px-sharp lines, tapered ends, or blurred by sigma U[0.3, 1.5]); a total
     density of 3-60 streaks per 10,000 px (the spec and 1.5 x above it); peak brightness U[0.3, 1.0];
     the rain is screen-blended (60 %) or added (40 %), and 15 % of images also get a light grey haze.
-    ``family_rain(..., families=...)`` restricts the draw to some profiles or blends (ablations).
+    ``family_rain(..., profiles=..., blends=..., haze=...)`` restricts the draw (ablations): a subset of
+    ``RAIN_PROFILES``, a subset of ``RAIN_BLENDS`` and the probability of haze (0: never);
+    ``parse_rain_family`` reads those from text (``mprnet train --rain-profiles/--rain-blends/--rain-haze``).
 """
 
 from __future__ import annotations
@@ -210,6 +212,7 @@ def random_rain(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 RAIN_PROFILES = ("hard", "tapered", "blurred")
 RAIN_BLENDS = ("screen", "add")
+RAIN_HAZE = 0.15  # probability that an image also gets a light grey haze
 RAIN_FAMILY_DENSITY = (3.0, 60.0)  # streaks per 10,000 px: the spec's range and half as much again
 RAIN_FAMILY_MAX_ANGLE = 35.0
 RAIN_FAMILY_LENGTH = (5.0, 70.0)
@@ -263,8 +266,8 @@ def family_rain_layer(shape: tuple[int, int], rng: np.random.Generator, profiles
 
 
 def family_rain(img: np.ndarray, rng: np.random.Generator, profiles=RAIN_PROFILES, blends=RAIN_BLENDS,
-                haze: float = 0.15) -> np.ndarray:
-    """The derain training degradation: a family rain layer, screen-blended or added, sometimes hazy."""
+                haze: float = RAIN_HAZE) -> np.ndarray:
+    """The derain training degradation: a family rain layer, screen-blended or added, hazy with probability `haze`."""
     layer = family_rain_layer(img.shape[:2], rng, profiles)
     blend = blends[0] if len(blends) == 1 else ("screen" if rng.random() < 0.6 else "add")
     out = screen(img, layer) if blend == "screen" else np.clip(img + layer[:, :, None], 0.0, 1.0)
@@ -274,23 +277,56 @@ def family_rain(img: np.ndarray, rng: np.random.Generator, profiles=RAIN_PROFILE
     return out.astype(np.float32)
 
 
+def _subset(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",")) if text.strip() else ()
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise ValueError(f"{what}: {', '.join(map(repr, unknown)) or 'none given'}; choose one or more of "
+                         f"{', '.join(allowed)}, comma-separated")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what}: {text!r} names one twice")
+    return tuple(n for n in allowed if n in names)  # the family's order, so a spec draws the same whatever its order
+
+
+def parse_rain_family(profiles: str | None = None, blends: str | None = None, haze: float | None = None) -> dict:
+    """``family_rain`` keyword arguments from text: comma-separated profiles and blends, a haze probability;
+    None keeps the full family's value. Raises ValueError with a readable message."""
+    family = {"profiles": RAIN_PROFILES, "blends": RAIN_BLENDS, "haze": RAIN_HAZE}
+    if profiles is not None:
+        family["profiles"] = _subset(profiles, RAIN_PROFILES, "rain profiles")
+    if blends is not None:
+        family["blends"] = _subset(blends, RAIN_BLENDS, "rain blends")
+    if haze is not None:
+        if not 0.0 <= haze <= 1.0:
+            raise ValueError(f"rain haze is a probability in [0, 1], not {haze}")
+        family["haze"] = float(haze)
+    return family
+
+
 # ----------------------------------------------------------------------------- dispatch
-def degrade(task: str, img: np.ndarray, rng: np.random.Generator, valid: bool = False) -> np.ndarray:
-    """Apply `task`'s training degradation. For deblur with valid=True the result is 24 px smaller."""
+def degrade(task: str, img: np.ndarray, rng: np.random.Generator, valid: bool = False,
+            rain: dict | None = None) -> np.ndarray:
+    """Apply `task`'s training degradation. For deblur with valid=True the result is 24 px smaller.
+    `rain`: ``family_rain`` keyword arguments (``parse_rain_family``) for derain; None draws the whole family."""
     if task == "denoise":
         return random_noise(img, rng)
     if task == "deblur":
         return random_blur(img, rng, valid=valid)
     if task == "derain":
-        return family_rain(img, rng)
+        return family_rain(img, rng, **(rain or {}))
     raise ValueError(f"unknown task {task!r}")
+
+
+EVAL_RAIN = ("spec", "heldout", "heldout-thin", "family", *(f"family-{p}" for p in RAIN_PROFILES))
 
 
 def benchmark_degrade(task: str, img: np.ndarray, seed: int, rain: str = "spec") -> np.ndarray:
     """The fixed evaluation degradation: denoise at sigma 25 (the papers' setting and our target),
     deblur drawn from its training distribution with a per-image `seed`, derain by the spec's renderer
     (`rain="spec"`, ``rain_layer``) or by the separately written one (`rain="heldout"`, or "heldout-thin" for
-    its dense 1-px corner of the spec; model/training/heldout_rain.py), which no training draws from."""
+    its dense 1-px corner of the spec; model/training/heldout_rain.py), which no training draws from.
+    `rain="family"` draws the training family itself and "family-<profile>" only its `profile` streaks
+    (both blends, haze as in training): how a model does on each part of what it was trained on."""
     rng = np.random.default_rng(seed)
     if task == "denoise":
         return add_noise(img, 25.0, rng)
@@ -299,7 +335,9 @@ def benchmark_degrade(task: str, img: np.ndarray, seed: int, rain: str = "spec")
             from .heldout_rain import heldout_rain
 
             return heldout_rain(img, rng, thin=rain == "heldout-thin")
-        if rain != "spec":
-            raise ValueError(f"unknown rain renderer {rain!r} (spec, heldout or heldout-thin)")
+        if rain not in EVAL_RAIN:
+            raise ValueError(f"unknown rain renderer {rain!r} ({', '.join(EVAL_RAIN)})")
+        if rain.startswith("family"):
+            return family_rain(img, rng, profiles=RAIN_PROFILES if rain == "family" else (rain.split("-", 1)[1],))
         return random_rain(img, rng)
     return degrade(task, img, rng)

@@ -3,8 +3,9 @@
 Images: paired folders (`--pairs`, layouts as in model/training/data.py), clean folders (`--clean`) or, by
 default, the held-out scikit-image photos, degraded by ``benchmark_degrade`` with a fixed seed
 per image (denoise: sigma 25; derain: `--rain heldout` draws the rain with the separately written
-renderer of model/training/heldout_rain.py instead of the spec's). Degraded inputs and all outputs are rounded to 8 bits before
-scoring, as they would be when written to image files.
+renderer of model/training/heldout_rain.py instead of the spec's, `--rain family[-PROFILE]` the training
+family). Degraded inputs and all outputs are rounded to 8 bits before scoring, as they would be when
+written to image files.
 
 Metrics (on the 0-255 scale, peak 255): PSNR and SSIM on RGB, and on the Y channel of ITU-R
 BT.601 YCbCr (16-235), as the papers report. SSIM is scikit-image's (Gaussian window, sigma 1.5).
@@ -30,7 +31,7 @@ from skimage.metrics import structural_similarity
 from ..engine_api import ENGINES
 from ..variants import TASKS
 from .data import HOLDOUT_PHOTOS, find_pairs, list_images, load_image, skimage_photo_dir
-from .degrade import benchmark_degrade
+from .degrade import EVAL_RAIN, benchmark_degrade
 
 EVAL_SEED = 1000  # image i of a clean set is degraded with seed EVAL_SEED + i
 METHODS = ("input", "baseline", "model")
@@ -192,9 +193,10 @@ def register_cli(sub) -> None:
     p.add_argument("--clean", help="folder of clean images, degraded with a fixed seed (default: held-out photos)")
     p.add_argument("--crop", type=int, default=0, help="evaluate only the top-left crop of this size (0: whole images)")
     p.add_argument("--no-baseline", action="store_true", help="skip the classical baseline")
-    p.add_argument("--rain", default="spec", choices=["spec", "heldout", "heldout-thin"],
-                   help="derain: draw the rain with the spec's renderer (what training's old single renderer drew) or "
-                   "the separately written held-out one (-thin: only its dense 1-px streaks)")
+    p.add_argument("--rain", default="spec", choices=EVAL_RAIN,
+                   help="derain: draw the rain with the spec's renderer (what training's old single renderer drew), "
+                   "the separately written held-out one (-thin: only its dense 1-px streaks) or the training family "
+                   "(family-PROFILE: only that streak profile)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--engine", default=os.environ.get("MPRNET_ENGINE", "auto"), choices=ENGINES,
                    help="auto (OpenVINO on the CPU when installed, else torch), torch, openvino")

@@ -41,7 +41,7 @@ from .data import (
     load_photos,
     multiscale,
 )
-from .degrade import benchmark_degrade
+from .degrade import RAIN_BLENDS, RAIN_HAZE, RAIN_PROFILES, benchmark_degrade, parse_rain_family
 from .evaluate import psnr
 from .losses import mprnet_loss
 
@@ -113,7 +113,21 @@ def train_source(args: argparse.Namespace):
     if args.pairs:
         return PairedPatches(find_pairs(args.pairs), args.patch)
     images = [load_image(p) for p in list_images(args.clean)] if args.clean else load_photos(TRAIN_PHOTOS)
-    return SyntheticPatches(multiscale(images), args.task, args.patch)
+    return SyntheticPatches(multiscale(images), args.task, args.patch, rain=rain_family(args))
+
+
+def rain_family(args: argparse.Namespace) -> dict | None:
+    """The derain training family restricted by --rain-profiles / --rain-blends / --rain-haze (None: none given)."""
+    given = (args.rain_profiles, args.rain_blends, args.rain_haze)
+    if all(g is None for g in given):
+        return None
+    if args.task != "derain" or args.pairs:
+        raise SystemExit("mprnet train: --rain-profiles, --rain-blends and --rain-haze shape the synthetic rain of "
+                         "--task derain; they do nothing with another task or with --pairs")
+    try:
+        return parse_rain_family(*given)
+    except ValueError as e:
+        raise SystemExit(f"mprnet train: {e}") from None
 
 
 def save_checkpoint(path: Path, model, opt, step: int, best: float, elapsed: float, rng: np.random.Generator, args) -> None:
@@ -129,6 +143,9 @@ def save_checkpoint(path: Path, model, opt, step: int, best: float, elapsed: flo
 def export(model: MPRNet, path: Path, args, step: int, best: float, elapsed: float) -> None:
     meta = {"task": args.task, "step": str(step), "val_psnr": f"{best:.3f}", "train_seconds": f"{elapsed:.0f}",
             "config": json.dumps(model_config(args))}
+    family = rain_family(args)
+    if family:
+        meta["rain_family"] = json.dumps(family)
     save_safetensors(model, path, dtype=torch.float16, metadata=meta)
 
 
@@ -275,6 +292,10 @@ def register_cli(sub) -> None:
     data.add_argument("--val-crop", type=int, default=256, help="centre crop of validation images (0: whole)")
     data.add_argument("--val-repeats", type=int, default=1, help="degrade each clean validation image this many times, "
                       "each with its own seed (more kernels per photo for deblur; ignored with --val-pairs)")
+    data.add_argument("--rain-profiles", help="derain: train only on these streak profiles, comma-separated, "
+                      f"of {','.join(RAIN_PROFILES)} (default: all)")
+    data.add_argument("--rain-blends", help=f"derain: only these blends, of {','.join(RAIN_BLENDS)} (default: both)")
+    data.add_argument("--rain-haze", type=float, help=f"derain: probability of haze per image (0: none; default {RAIN_HAZE})")
     arch = p.add_argument_group("architecture")
     arch.add_argument("--n-feat", type=int, default=16)
     arch.add_argument("--scale-unet", type=int, default=8)
@@ -308,6 +329,7 @@ def _main(args: argparse.Namespace) -> int:
         raise SystemExit("mprnet train: --patch must be a multiple of 8")
     if args.val_repeats < 1:
         raise SystemExit("mprnet train: --val-repeats must be at least 1")
+    rain_family(args)  # refuse a bad family before any work
     try:
         MPRNet(**model_config(args))
     except ValueError as e:  # e.g. a reduction that does not divide a width

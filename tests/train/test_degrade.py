@@ -188,3 +188,43 @@ def test_heldout_thin_corner_is_dense_one_pixel_rain():
     wide = [H.heldout_layer((96, 96), np.random.default_rng(s)) for s in range(8)]
     assert np.mean([_edge_ratio(la) for la in thin]) > np.mean([_edge_ratio(la) for la in wide])
     assert min((la > 0.1).mean() for la in thin) > 0.02  # dense: every image is well covered
+
+
+def test_rain_family_parses_subsets_in_family_order_and_refuses_unknown_names():
+    assert D.parse_rain_family() == {"profiles": D.RAIN_PROFILES, "blends": D.RAIN_BLENDS, "haze": D.RAIN_HAZE}
+    family = D.parse_rain_family("blurred, hard", "add", 0.0)
+    assert family == {"profiles": ("hard", "blurred"), "blends": ("add",), "haze": 0.0}
+    for bad, match in ((("soft",), "'soft'.*hard, tapered, blurred"), ((None, "screen,mult"), "'mult'.*screen, add"),
+                       (("",), "none given"), (("hard,hard",), "twice"), ((None, None, 1.5), "probability")):
+        with pytest.raises(ValueError, match=match):
+            D.parse_rain_family(*bad)
+
+
+def test_a_restricted_family_draws_only_what_it_names():
+    img = np.full((64, 64, 3), 0.5, np.float32)
+    # additive only: every rainy pixel is the image plus the layer; screen only: 1 - (1 - img)(1 - layer)
+    for blend in D.RAIN_BLENDS:
+        for seed in range(6):
+            rain = D.parse_rain_family(blends=blend, haze=0.0)
+            rainy = D.degrade("derain", img, np.random.default_rng(seed), rain=rain)
+            layer = D.family_rain_layer(img.shape[:2], np.random.default_rng(seed))
+            want = D.screen(img, layer) if blend == "screen" else np.clip(img + layer[:, :, None], 0.0, 1.0)
+            assert np.allclose(rainy, want, atol=1e-6)
+    # one profile: the same draw as the family layer restricted to it
+    rainy = D.degrade("derain", img, np.random.default_rng(3), rain=D.parse_rain_family("hard", "add", 0.0))
+    layer = D.family_rain_layer(img.shape[:2], np.random.default_rng(3), profiles=("hard",))
+    assert np.allclose(rainy, np.clip(img + layer[:, :, None], 0.0, 1.0), atol=1e-6)
+    # haze 0 never veils, haze 1 always does (the blacks lift)
+    black = np.zeros((48, 48, 3), np.float32)
+    assert min(D.degrade("derain", black, np.random.default_rng(s), rain={"haze": 1.0}).min() for s in range(5)) > 0.02
+    assert all(D.degrade("derain", black, np.random.default_rng(s), rain={"haze": 0.0}).min() == 0.0 for s in range(5))
+
+
+def test_evaluation_can_draw_one_profile_of_the_training_family():
+    img = np.random.default_rng(0).random((48, 48, 3), dtype=np.float32)
+    for profile in D.RAIN_PROFILES:
+        got = D.benchmark_degrade("derain", img, 4, rain=f"family-{profile}")
+        assert np.array_equal(got, D.family_rain(img, np.random.default_rng(4), profiles=(profile,)))
+    assert np.array_equal(D.benchmark_degrade("derain", img, 4, rain="family"), D.family_rain(img, np.random.default_rng(4)))
+    with pytest.raises(ValueError, match="rain renderer"):
+        D.benchmark_degrade("derain", img, 4, rain="family-soft")

@@ -148,3 +148,44 @@ def test_each_step_is_validated_once_also_when_the_last_step_is_off_the_grid(tmp
     out = tmp_path / "run"
     train(parse("--task", "denoise", "--out", str(out), "--steps", "3", "--val-every", "2"))
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 3]
+
+
+def test_rain_family_options_restrict_the_training_rain_and_are_recorded(tmp_path):
+    from safetensors import safe_open
+
+    from model.training.degrade import family_rain
+    from model.training.train import train_source
+
+    args = parse("--task", "derain", "--out", str(tmp_path / "run"), "--rain-profiles", "blurred", "--rain-blends", "add",
+                 "--rain-haze", "0", "--steps", "2", "--val-every", "2")
+    source = train_source(args)
+    assert source.rain == {"profiles": ("blurred",), "blends": ("add",), "haze": 0.0}
+    rng, copy = np.random.default_rng(9), np.random.default_rng(9)
+    low, high = source.sample(rng)
+    # replay the crop's draws on the copy, then the rain: the sample is exactly the restricted family's rain
+    source.rain = None
+    img = source.images[int(copy.choice(len(source.images), p=source.p))]
+    y, x = int(copy.integers(0, img.shape[0] - 31)), int(copy.integers(0, img.shape[1] - 31))
+    k, flip = int(copy.integers(4)), bool(copy.integers(2))
+    crop = np.rot90(img[y:y + 32, x:x + 32], k, axes=(0, 1))
+    crop = np.ascontiguousarray(crop[:, ::-1] if flip else crop)
+    assert np.array_equal(high, crop)
+    assert np.array_equal(low, family_rain(crop, copy, profiles=("blurred",), blends=("add",), haze=0.0))
+    train(args)
+    with safe_open(str(tmp_path / "run" / "best.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["rain_family"]) == {"profiles": ["blurred"], "blends": ["add"], "haze": 0.0}
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--task", "derain", "--rain-profiles", "hard,soft"], "'soft'.*hard, tapered, blurred"),
+    (["--task", "derain", "--rain-blends", "multiply"], "'multiply'.*screen, add"),
+    (["--task", "derain", "--rain-haze", "-0.1"], "probability"),
+    (["--task", "denoise", "--rain-haze", "0"], "do nothing with another task"),
+    (["--task", "derain", "--pairs", "somewhere", "--rain-profiles", "hard"], "or with --pairs"),
+])
+def test_bad_rain_family_options_are_refused_before_training(argv, match, tmp_path):
+    from model.training.train import _main
+
+    with pytest.raises(SystemExit, match=match):
+        _main(parse(*argv, "--out", str(tmp_path / "never")))
+    assert not (tmp_path / "never").exists()
