@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
 
 import promql_parser
 
@@ -75,6 +76,30 @@ def _exec_form(args: str) -> list[str] | None:
     return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
 
 
+def project_installs(text: str, build_args: dict[str, str] | None = None) -> list[str]:
+    """What each `pip install` of the project (/src) in the Dockerfile asks pip for, e.g. "/src[openvino]":
+    the argument as the build's shell expands it, with the stage's ARGs (`build_args`, else their
+    defaults) in its environment, as Docker runs a RUN instruction."""
+    found, args = [], {}
+    for word, rest in dockerfile_instructions(text):
+        if word == "FROM":
+            args = {}
+        elif word == "ARG":
+            key, _, default = rest.partition("=")
+            args[key] = (build_args or {}).get(key, shlex.split(default)[0] if default.strip() else "")
+        elif word == "RUN":
+            for part in re.split(r"&&|;|\|\|", rest):
+                words = part.split()
+                if words[:2] != ["pip", "install"]:
+                    continue
+                for target in words[2:]:
+                    if target.strip("\"'").startswith("/src"):
+                        cmd = ["sh", "-c", "printf '%s' " + target]
+                        shell = subprocess.run(cmd, env=args, capture_output=True, text=True, check=False)
+                        found.append(shell.stdout if shell.returncode == 0 else f"<sh: {shell.stderr.strip()}>")
+    return found
+
+
 def dockerfile_problems(text: str, torch_pin: str) -> list[str]:
     """The container contract (non-root, health check, signals, ports) that hadolint does not know about."""
     problems = []
@@ -98,6 +123,11 @@ def dockerfile_problems(text: str, torch_pin: str) -> list[str]:
         problems.append(f"the GPU image (default build arguments) must set NVIDIA_VISIBLE_DEVICES=all, got {got!r}")
     if stage_env(text, {"NVIDIA_VISIBLE_DEVICES": "void"}).get("NVIDIA_VISIBLE_DEVICES") != "void":
         problems.append("NVIDIA_VISIBLE_DEVICES must come from a build argument, so the CPU image can say void")
+    if project_installs(text) != ["/src"]:
+        got = project_installs(text)
+        problems.append(f"the GPU image (default build arguments) must install the project without extras, got {got}")
+    if project_installs(text, {"EXTRAS": "openvino"}) != ["/src[openvino]"]:
+        problems.append("the project's extras must come from the EXTRAS build argument, so the CPU image gets OpenVINO")
     packages = _apt_packages([rest for word, rest in final if word == "RUN"])
     if not packages & {"gcc", "clang", "build-essential"} or not packages & {"g++", "clang", "build-essential"}:
         problems.append("the runtime stage installs no C and C++ compiler: torch.compile (Triton, inductor) needs them")

@@ -5,12 +5,13 @@ to the service and to each other."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .checks import stage_env
+from .checks import project_installs, stage_env
 from .test_dockerfile import DOCKERFILE, settings_env_names
 from .tools import ROOT, broken_copy, clean_env, compose_binary, run
 
@@ -79,6 +80,9 @@ def test_gpu_reservation_only_without_the_cpu_override():
     # the CPU image must not claim the node's GPUs where NVIDIA's runtime is the default
     assert stage_env(DOCKERFILE.read_text(), cpu["build"]["args"])["NVIDIA_VISIBLE_DEVICES"] == "void"
     assert cpu["environment"]["MPRNET_DEVICE"] == "cpu"
+    # OpenVINO, the CPU engine MPRNET_ENGINE=auto picks, in the CPU image only
+    assert project_installs(DOCKERFILE.read_text(), gpu["build"]["args"]) == ["/src"]
+    assert project_installs(DOCKERFILE.read_text(), cpu["build"]["args"]) == ["/src[openvino]"]
     assert cpu["image"] != gpu["image"], "CPU and GPU builds must not overwrite each other's image tag"
 
 
@@ -143,3 +147,25 @@ def test_grafana_provisioning_is_wired():
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     assert all(p.get("targets") for p in panels if p["type"] != "row"), "a panel without a query"
     assert all(p["gridPos"]["x"] + p["gridPos"]["w"] <= 24 for p in panels), "a panel wider than the 24-column grid"
+
+
+def documented_builds() -> list[tuple[str, dict[str, str]]]:
+    """Each `docker build` command in docs/deploy.md and in the Dockerfile's header: (where, build args)."""
+    found = []
+    for path in (ROOT / "docs" / "deploy.md", DOCKERFILE):
+        lines = [line.removeprefix("#").strip() for line in path.read_text().splitlines()]
+        text = re.sub(r"\\\s*\n\s*", " ", "\n".join(lines))
+        for command in re.findall(r"docker build [^\n]*", text):
+            args = dict(a.split("=", 1) for a in re.findall(r"--build-arg\s+(\S+)", command))
+            found.append((f"{path.relative_to(ROOT)}: {command}", args))
+    return found
+
+
+def test_documented_cpu_build_matches_the_compose_override():
+    """A CPU image built by hand gets what `compose.cpu.yml` gives it: no GPU, and the OpenVINO engine."""
+    gpu, cpu = (config(*files)["services"]["mprnet"]["build"]["args"] for files in ((COMPOSE,), (COMPOSE, CPU)))
+    override = {k: v for k, v in cpu.items() if gpu.get(k) != v}
+    cpu_builds = [(where, args) for where, args in documented_builds() if args.get("TORCH_INDEX_URL", "").endswith("/cpu")]
+    assert len(cpu_builds) == 2, documented_builds()
+    for where, args in cpu_builds:
+        assert args == override, f"{where}: build arguments {args}, compose.cpu.yml passes {override}"

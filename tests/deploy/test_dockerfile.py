@@ -71,6 +71,9 @@ def test_container_contract():
         ("NVIDIA_VISIBLE_DEVICES=${NVIDIA_VISIBLE_DEVICES}", "NVIDIA_VISIBLE_DEVICES=all", "build argument"),
         ("gcc g++ libc6-dev", "libc6-dev", "C and C++ compiler"),
         ("gcc g++ libc6-dev", "gcc libc6-dev", "C and C++ compiler"),
+        ("ARG EXTRAS=\n", "ARG EXTRAS=openvino\n", "without extras"),  # OpenVINO in the GPU image
+        ('"/src${EXTRAS:+[$EXTRAS]}"', "/src", "EXTRAS build argument"),  # the argument never reaches pip
+        ('"/src${EXTRAS:+[$EXTRAS]}"', '"/src[${EXTRA}]"', "EXTRAS build argument"),  # misspelt
     ],
 )
 def test_container_contract_catches_a_broken_dockerfile(old, new, expect):

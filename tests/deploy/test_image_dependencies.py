@@ -1,7 +1,9 @@
 """The image's Python dependency set exists: every torch build the repository names is one PyTorch
 publishes, and the default build's whole dependency set resolves against the package index for the
 image's Python and platform, wheels only, the way docker/Dockerfile installs it (torch from
-TORCH_INDEX_URL, then the project). A missing wheel fails here, not in a user's `docker build`.
+TORCH_INDEX_URL, then the project with the extras of its EXTRAS build argument). A missing wheel fails
+here, not in a user's `docker build`. The CPU image's project half (OpenVINO included) resolves against
+PyPI even where PyTorch's CPU index cannot be reached.
 
 The resolution needs the network (`pip install --dry-run --report`, metadata only): an index that
 cannot be reached from here is skipped, and the skip says which build went unchecked.
@@ -20,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from .checks import dockerfile_instructions
+from .checks import dockerfile_instructions, project_installs
+from .test_compose import COMPOSE, CPU, config
 from .test_dockerfile import DOCKERFILE, torch_pin
 from .tools import ROOT, run
 
@@ -85,9 +88,25 @@ def platform_args() -> list[str]:
     return [arg for tag in tags for arg in ("--platform", tag)]
 
 
-def project_requirements(with_torch: bool) -> list[str]:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+def project_requirements(with_torch: bool, extras: list[str] = ()) -> list[str]:
+    """The project's dependencies, plus those of its optional groups `extras` (as `pip install .[extras]`)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + [d for extra in extras for d in project["optional-dependencies"][extra]]
     return [d for d in deps if with_torch or not re.match(r"torch\b", d)]
+
+
+def image_extras(index: str) -> list[str]:
+    """The extras the image built from torch `index` installs: the EXTRAS of the compose variant (GPU, or
+    CPU with docker/compose.cpu.yml) that names that index, else the Dockerfile's default, as its
+    `pip install /src[...]` line expands them."""
+    args = {}
+    for files in ((COMPOSE,), (COMPOSE, CPU)):
+        variant = config(*files)["services"]["mprnet"]["build"]["args"]
+        if variant.get("TORCH_INDEX_URL") == index:
+            args = variant
+    (target,) = project_installs(DOCKERFILE.read_text(), args)
+    extras = re.fullmatch(r"/src(?:\[(.*)\])?", target).group(1)
+    return [e.strip() for e in extras.split(",")] if extras else []
 
 
 def reachable(url: str) -> str | None:
@@ -123,19 +142,47 @@ def test_image_dependency_set_resolves(index, tmp_path):
     if why is not None:
         build = build_name(index)
         pytest.skip(f"{index} cannot be reached from here ({why}): the {build} build's dependency set is unchecked")
-    pin = torch_pin()
+    pin, extras = torch_pin(), image_extras(index)
     if index == PYPI:  # both of the Dockerfile's steps install from PyPI: one resolution is both
-        installs = resolve(PYPI, project_requirements(with_torch=True), tmp_path / "all.json")
+        installs = resolve(PYPI, project_requirements(with_torch=True, extras=extras), tmp_path / "all.json")
     else:
         installs = resolve(index, [f"torch=={pin}"], tmp_path / "torch.json")
         if reachable(PYPI) is not None:
             pytest.skip(f"{PYPI} cannot be reached from here: the project's own dependencies are unchecked")
-        installs += resolve(PYPI, project_requirements(with_torch=False), tmp_path / "project.json")
-    versions = {normalized(i["metadata"]["name"]): i["metadata"]["version"] for i in installs}
+        installs += resolve(PYPI, project_requirements(with_torch=False, extras=extras), tmp_path / "project.json")
+    versions = installed_versions(installs)
     assert versions["torch"].split("+")[0] == pin
-    assert all(i["download_info"]["url"].endswith(".whl") for i in installs)
-    wanted = {normalized(re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0]) for r in project_requirements(with_torch=True)}
+    wanted = requirement_names(project_requirements(with_torch=True, extras=extras))
     assert wanted <= set(versions), wanted - set(versions)
+    if index == PYPI:  # the GPU image: torch runs the GPU, the OpenVINO engine stays out
+        assert "openvino" not in versions, extras
+
+
+@pytest.mark.slow
+def test_cpu_image_installs_openvino(tmp_path):
+    """The CPU image's second step (the project and its extras over the CPU build of torch) resolves
+    against PyPI with the OpenVINO engine in it. Only torch comes from PyTorch's CPU index, which
+    test_image_dependency_set_resolves resolves where it can be reached."""
+    cpu_index = config(COMPOSE, CPU)["services"]["mprnet"]["build"]["args"]["TORCH_INDEX_URL"]
+    extras = image_extras(cpu_index)
+    assert "openvino" in extras, f"the CPU image installs the extras {extras}, without the OpenVINO engine"
+    why = reachable(PYPI)
+    if why is not None:
+        pytest.skip(f"{PYPI} cannot be reached from here ({why}): the CPU image's project dependencies are unchecked")
+    requirements = project_requirements(with_torch=False, extras=extras)
+    versions = installed_versions(resolve(PYPI, requirements, tmp_path / "cpu.json"))
+    assert "torch" not in versions, "pip would replace the CPU build of torch with PyPI's"
+    assert {"openvino", "onnx"} | requirement_names(requirements) <= set(versions), versions
+
+
+def installed_versions(installs: list[dict]) -> dict[str, str]:
+    """{name: version} of a pip report's installs, which must all be wheels."""
+    assert all(i["download_info"]["url"].endswith(".whl") for i in installs)
+    return {normalized(i["metadata"]["name"]): i["metadata"]["version"] for i in installs}
+
+
+def requirement_names(requirements: list[str]) -> set[str]:
+    return {normalized(re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0]) for r in requirements}
 
 
 def normalized(name: str) -> str:
