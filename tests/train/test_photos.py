@@ -167,3 +167,74 @@ def test_a_package_without_copyright_file_or_photo_is_refused(tmp_path):
     empty = build_deb(tmp_path / "b", photo.package, {"/usr/share/other.png": buf.getvalue()})
     with pytest.raises(ValueError, match=f"has no {photo.member}"):
         photos.prepare(tmp_path / "out2", skip=skip, debs={photo.package: empty})
+
+
+def test_mate_evaluation_set_is_apart_from_the_training_photos():
+    mate = photos.EVAL_SETS["mate"]
+    assert len({p.name for p in mate}) == len(mate) == 12
+    assert {p.package for p in mate} == set(photos.EVAL_PACKAGES)
+    assert not {p.name for p in mate} & set(photos.photo_names())
+    assert all(p.licence and p.author and p.member.startswith("/usr/share/backgrounds/mate/nature/") for p in mate)
+
+
+def fake_mate(tmp_path, size=(96, 60)) -> tuple[Path, dict]:
+    """A stand-in mate-backgrounds .deb: a random photo at every EVAL_SETS["mate"] path, and an illustration."""
+    rng = np.random.default_rng(2)
+    files, expected = {"/usr/share/backgrounds/mate/abstract/Silk.png": b"not a photo"}, {}
+    for photo in photos.EVAL_SETS["mate"]:
+        arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "PNG")
+        files[photo.member] = buf.getvalue()
+        expected[photo.name] = arr
+    return build_deb(tmp_path, "mate-backgrounds", files, copyright_text="License: GPL-2+\n"), expected
+
+
+@needs_dpkg
+def test_eval_set_is_written_downscaled_with_licences_and_a_marker(tmp_path):
+    from model.cli import main
+    from model.training.data import EVAL_MARKER
+
+    deb, expected = fake_mate(tmp_path / "debs")
+    dest = tmp_path / "mate"
+    assert main(["photos", "--eval-set", "mate", "--debs", str(tmp_path / "debs"), "--max-side", "48", str(dest)]) == 0
+    assert sorted(p.name for p in dest.glob("*.png")) == sorted(f"{n}.png" for n in expected)
+    for name, arr in expected.items():
+        got = Image.open(dest / f"{name}.png")
+        assert got.size == (48, 30)  # downscaled as the training photos (--max-side, default 1024)
+        want = photos.downscale(Image.fromarray(arr), 48)
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert {e["file"] for e in manifest} == {f"{n}.png" for n in expected}
+    assert all(e["source"] == "Debian package mate-backgrounds" and e["version"] == "1.0-1" and e["licence"] and
+               e["use"] == "evaluation only" for e in manifest)
+    assert (dest / "licences" / "mate-backgrounds.copyright").read_text() == "License: GPL-2+\n"
+    assert (dest / EVAL_MARKER).is_file()
+
+
+@needs_dpkg
+def test_training_refuses_an_eval_set_and_the_two_never_share_a_folder(tmp_path):
+    from model.cli import build_parser
+    from model.training.train import _main
+
+    deb, _ = fake_mate(tmp_path / "debs")
+    evalset = tmp_path / "sets" / "mate"
+    photos.prepare_eval(evalset, "mate", debs={"mate-backgrounds": deb})
+    train_args = ["train", "--task", "derain", "--out", str(tmp_path / "run"), "--steps", "1", "--patch", "32"]
+    for option, folder in (("--clean", evalset), ("--clean", evalset.parent), ("--clean", evalset / "licences"),
+                           ("--val-clean", evalset), ("--pairs", evalset)):
+        with pytest.raises(SystemExit, match=f"{option} .* evaluation set"):
+            _main(build_parser().parse_args([*train_args, option, str(folder)]))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="evaluation set"):
+        photos.prepare(evalset, debian=False)
+    with pytest.raises(ValueError, match="evaluation set"):
+        photos.prepare(evalset.parent, debian=False)
+    training = tmp_path / "train"
+    training.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(training / "a.png")
+    with pytest.raises(ValueError, match="already holds other photos"):
+        photos.prepare_eval(training, "mate", debs={"mate-backgrounds": deb})
+    assert not (training / "EVALUATION_ONLY.txt").exists()
+    with pytest.raises(ValueError, match="unknown evaluation set"):
+        photos.prepare_eval(tmp_path / "x", "kde", debs={"mate-backgrounds": deb})
