@@ -32,7 +32,7 @@ def _timed(fn, *args) -> tuple[float, str]:
     t0 = time.perf_counter()
     try:
         out = fn(*args)
-        outcome = f"200 {tuple(out.image.shape[1:])}" if out is not None else "ok"
+        outcome = f"200 {tuple(out.image.shape[1:])}" if isinstance(out, codec.Decoded) else "ok"
     except ServiceError as e:
         outcome = f"{e.status} {e.detail[:90]}"
     return time.perf_counter() - t0, outcome

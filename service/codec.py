@@ -114,11 +114,12 @@ def decode(
     """
     if not data:
         raise BadInput("The request body is empty; send an image.")
-    structure.check(data)
+    fed = structure.check(data)  # a single-scan JPEG's scan without its end: it must hold all of its pixels
     over_budget = TooLarge(f"The image took more than {budget_s:g} s to decode; the file is crafted or corrupt.")
     deadline = clock() + budget_s
     try:
-        img = _open(data, _BudgetedFile(data, deadline, clock))
+        file = _BudgetedFile(fed, deadline, clock)
+        img = _open(data, file)
         width, height = img.size
         if width * height > max_pixels:
             pixels = f"{width}x{height} = {width * height:,} pixels"
@@ -126,7 +127,7 @@ def decode(
         if width < 1 or height < 1:
             raise BadInput(f"The image has no pixels ({width}x{height}).")
         fmt = img.format or "?"
-        img = _load(img)
+        img = _load(img, file if fed is not data else None)
     except _OverBudget:
         raise over_budget from None
     with contextlib.suppress(*_BAD_METADATA):  # an unreadable EXIF block costs the orientation, not the request
@@ -146,8 +147,9 @@ def decode(
     return Decoded(tensor, meta, icc, exif, fmt)
 
 
-def _load(img: Image.Image) -> Image.Image:
-    """Decode the first frame's pixels; refuse data that ends before the pixels do."""
+def _load(img: Image.Image, scan_fed: io.BytesIO | None = None) -> Image.Image:
+    """Decode the first frame's pixels; refuse data that ends before the pixels do. `scan_fed`: the
+    file of a JPEG fed as `structure.check` returns it, where running out of data means its scan is short."""
     width, height = img.size
     try:
         marks = structure.mark_last_rows(img)
@@ -158,6 +160,11 @@ def _load(img: Image.Image) -> Image.Image:
     except _OverBudget:
         raise
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad data; all are the client's file
+        if scan_fed is not None and isinstance(e, OSError) and scan_fed.tell() == len(scan_fed.getbuffer()):
+            raise structure.truncated(
+                f"The JPEG's image data ends early: its scan stops before all of its {width}x{height} pixels "
+                "are coded (a decoder would fill the rest with grey)."
+            ) from None
         detail = f"The image could not be decoded ({type(e).__name__}: {e}); the file is corrupt or truncated."
         raise BadInput(detail) from None
     if structure.unwritten(img, marks):

@@ -9,6 +9,13 @@ directories, later GIF frames) are never walked, here or by the decoder: only th
 It also refuses a JPEG too short to hold the pixels its header declares (400): libjpeg fills the rows
 of a JPEG whose scans end early with grey and reports that only as a warning Pillow drops.
 
+`check` catches the rest of those for a JPEG with one sequential scan (baseline: what cameras and
+phones write). It returns the bytes to decode: the scan without the marker that ends it, followed by
+`JPEG_SCAN_TAIL`, bits that satisfy the Huffman decoder's look-ahead at the scan's true end but are no
+code. A complete scan decodes exactly as before (its last block ends within its own bits); a scan cut
+short, even one closed with an EOI marker, runs through the tail and out of data, and Pillow reports the
+truncation. A cut within the last block or two can pass: the tail stands in for their last codes.
+
 Around the decode, `mark_last_rows` and `unwritten` catch the other way truncated data passes: a PNG
 (or GIF, BMP, TIFF) whose compressed stream ends before the pixels do is decoded without an error into
 an image whose missing rows stay as allocated. The ends of the rows a decoder writes last (the last
@@ -21,6 +28,7 @@ from __future__ import annotations
 import functools
 import re
 import struct
+from dataclasses import dataclass
 
 from PIL import Image, ImageFile
 
@@ -38,7 +46,12 @@ _JPEG_MARKER = re.compile(rb"\xff[\xc0-\xcf\xd9-\xfe]")
 # Frame headers (SOFn); C9-CB and CD-CF are arithmetic-coded, C4, C8 and CC are other markers
 _SOF_HUFFMAN = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7}
 _SOF = _SOF_HUFFMAN | {0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_SOF_SEQUENTIAL_HUFFMAN = {0xC0, 0xC1}  # baseline and extended sequential, Huffman-coded
 _STRIP_TAGS = {273: "strips", 279: "strips", 324: "tiles", 325: "tiles"}  # offsets and byte counts of each
+# What follows a single sequential scan when it is decoded: 64 one-bits (0xFF is written FF 00 in scan data).
+# libjpeg's Huffman decoder reads ahead to 57 bits (64-bit builds) and may need all of them after a complete
+# scan's last code; no Huffman code is all ones, so a decoder that is still short of codes gets none here.
+JPEG_SCAN_TAIL = b"\xff\x00" * 8
 
 
 def too_complex(detail: str) -> ServiceError:
@@ -49,17 +62,22 @@ def truncated(detail: str) -> ServiceError:
     return BadInput(detail + " The file is truncated or corrupt.")
 
 
-def check(data: bytes) -> None:
+def check(data: bytes) -> bytes:
     """Raise ServiceError 413 if the file has more of some structure than its cap allows, 400 if it is
-    a JPEG too short for its declared size. Formats other than PNG, JPEG, GIF and TIFF pass unchecked."""
+    a JPEG too short for its declared size. Formats other than PNG, JPEG, GIF and TIFF pass unchecked.
+    Returns the bytes to decode: `data`, or for a JPEG with a single sequential Huffman-coded scan its
+    bytes up to the end of that scan's data followed by `JPEG_SCAN_TAIL` (the same pixels when the scan
+    is whole, a truncation error when it is not). Progressive and other multi-scan JPEGs keep their end:
+    libjpeg reads their scans to EOI before it outputs a row."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         _png(data)
     elif data.startswith(b"\xff\xd8\xff"):
-        _jpeg(data)
+        return _jpeg(data)
     elif data[:6] in (b"GIF87a", b"GIF89a"):
         _gif(data)
     elif data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         _tiff(data)
+    return data
 
 
 def _png(data: bytes) -> None:
@@ -74,28 +92,52 @@ def _png(data: bytes) -> None:
         pos += 12 + length
 
 
-def _jpeg(data: bytes) -> None:
-    pos, segments, scans = 2, 0, 0
-    first_scan = size = None
-    huffman = True
+@dataclass
+class _JpegLayout:
+    size: tuple[int, int] | None = None  # (width, height) from the first frame header
+    frame: int | None = None  # that header's marker (SOFn)
+    scans: int = 0
+    first_scan: int | None = None  # offset of the first SOS marker
+    scan_end: int | None = None  # offset of the first marker after the first scan's data (or the file's end)
+    end: int = 0  # where the walk stopped: the EOI marker, or the end of the data
+
+
+def _jpeg_layout(data: bytes) -> _JpegLayout:
+    """Walk a JPEG's marker segments (not its entropy-coded data, which the search skips) up to EOI;
+    413 once there are more segments or scans than their caps allow."""
+    pos, segments, layout = 2, 0, _JpegLayout()
     while (m := _JPEG_MARKER.search(data, pos)) is not None:
         pos, marker = m.start(), data[m.start() + 1]
+        if layout.scans == 1 and layout.scan_end is None:
+            layout.scan_end = pos
         if marker == 0xD9:  # end of image: what follows is not decoded
             break
         segments += 1
         if segments > JPEG_MAX_SEGMENTS:
             raise too_complex(f"The JPEG has more than {JPEG_MAX_SEGMENTS:,} marker segments.")
         if marker == 0xDA:
-            scans += 1
-            if scans > JPEG_MAX_SCANS:
+            layout.scans += 1
+            if layout.scans > JPEG_MAX_SCANS:
                 raise too_complex(f"The JPEG has more than {JPEG_MAX_SCANS} scans.")
-            first_scan = pos if first_scan is None else first_scan
-        elif marker in _SOF and size is None and pos + 9 <= len(data):
+            layout.first_scan = pos if layout.first_scan is None else layout.first_scan
+        elif marker in _SOF and layout.size is None and pos + 9 <= len(data):
             height, width = struct.unpack_from(">HH", data, pos + 5)
-            size, huffman = (width, height), marker in _SOF_HUFFMAN
+            layout.size, layout.frame = (width, height), marker
         if pos + 4 > len(data):
             break
         pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]  # past the segment; the search skips entropy-coded data
+    else:
+        pos = len(data)
+    if layout.scans == 1 and layout.scan_end is None:
+        layout.scan_end = len(data)
+    layout.end = pos
+    return layout
+
+
+def _jpeg(data: bytes) -> bytes:
+    layout = _jpeg_layout(data)
+    size, first_scan, pos = layout.size, layout.first_scan, layout.end
+    huffman = layout.frame in _SOF_HUFFMAN
     if size is not None and first_scan is not None and huffman:
         # a Huffman code is at least one bit, and every 8x8 block of the largest component gets one (its DC value)
         blocks = -(-size[0] // 8) * -(-size[1] // 8)
@@ -104,6 +146,9 @@ def _jpeg(data: bytes) -> None:
                 f"The JPEG declares {size[0]}x{size[1]} pixels, which need at least {blocks // 8:,} bytes "
                 f"of image data; it holds {pos - first_scan:,}."
             )
+    if layout.scans == 1 and layout.frame in _SOF_SEQUENTIAL_HUFFMAN and layout.scan_end is not None:
+        return data[: layout.scan_end] + JPEG_SCAN_TAIL
+    return data
 
 
 def _gif(data: bytes) -> None:
