@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=settings.grace_period_s,
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # uvicorn's hint says int; a float works
         http=limited_head_protocol(settings.max_header_bytes, settings.max_header_count),  # 431 beyond them
     )
     server = DrainingServer(config, app.state.service, settings.grace_period_s)

@@ -23,6 +23,12 @@ from model.variants import TASKS
 log = logging.getLogger("service")
 
 
+# Retry-After of the answers that say "not ready" or "out of device memory" (and of /readyz while not
+# ready): the longest fixed one the service sends. MPRNET_KEEP_ALIVE_S (7.5 s) keeps an idle connection
+# open longer, so a client that waits exactly this long can still reuse its connection.
+NOT_READY_RETRY_S = 5
+
+
 def retry_after(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
@@ -125,7 +131,7 @@ class NotReady(ServiceError):
     status, code, reason = 503, "not_ready", "not_ready"
 
     def __init__(self, detail: str) -> None:
-        super().__init__(detail, {"Retry-After": "5"})
+        super().__init__(detail, retry_after(NOT_READY_RETRY_S))
 
 
 class Draining(ServiceError):
@@ -139,7 +145,7 @@ class OutOfMemory(ServiceError):
     status, code, reason = 503, "out_of_memory", "oom"
 
     def __init__(self, detail: str) -> None:
-        super().__init__(detail, retry_after(5))
+        super().__init__(detail, retry_after(NOT_READY_RETRY_S))
 
 
 class DeadlineExceeded(ServiceError):

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from model.variants import PAPER_TASKS, TASKS
 
 from . import codec
-from .errors import ServiceError, Unauthorized, error_responses
+from .errors import NOT_READY_RETRY_S, ServiceError, Unauthorized, error_responses, retry_after
 from .http_io import image_upload, output_format, wait_for_disconnect
 from .runtime import Service
 
@@ -152,7 +152,7 @@ _NOT_READY = {
 async def readyz(service: ServiceDep) -> JSONResponse:
     """200 only when every task is warm and the device answers a tiny operation; per-task detail in the body."""
     ok, body = await service.readiness()
-    return JSONResponse(body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "5"})
+    return JSONResponse(body, status_code=200 if ok else 503, headers=None if ok else retry_after(NOT_READY_RETRY_S))
 
 
 _PROMETHEUS = {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}

@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(32 * 1024, ge=1024)  # a request's line and headers together; more: 431
     max_header_count: int = Field(100, ge=8)  # header lines of one request; more: 431
     grace_period_s: float = Field(30.0, ge=0)
+    # How long an idle keep-alive connection stays open (uvicorn's timeout_keep_alive, 5 s by default): longer
+    # than the 5 s Retry-After of not-ready and out-of-memory answers, so a client that waits exactly that long
+    # does not send into a connection being closed; not whole seconds, so no Retry-After (whole seconds; a full
+    # queue's is its expected wait) lands on the moment of closing. Behind a proxy that keeps idle upstream
+    # connections open (nginx, cloud load balancers: often 60 s), set it above the proxy's timeout.
+    keep_alive_s: float = Field(7.5, gt=0, le=3600)
     png_effort: Literal["fast", "small"] = "fast"  # fast: "up" filter (about 1 ms at 256x256); small: adaptive, 1-4 % smaller
     codec_threads: int = Field(default_factory=lambda: max(2, min(8, available_cpus())), ge=1, le=64)
     torch_threads: int = Field(0, ge=0, le=1024)  # the model's CPU threads (torch or OpenVINO); 0: the CPUs we may use
