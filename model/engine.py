@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .engine_api import MemoryUse, Shape, TileSettings
 from .inference import PRECISIONS, Restorer
-from .transfer import Uint8Transfer
+from .transfer import StagedItems, Uint8Transfer, stage_items
 
 log = logging.getLogger("model.engine")
 
@@ -206,6 +206,10 @@ class Engine(Restorer):
         source_device = x.device
         y = self._core(x.to(self.device, dtype=torch.float32, non_blocking=True))
         return y.contiguous().to(source_device, copy=True)
+
+    def stage_items(self, items: Sequence[Tensor]) -> StagedItems:
+        """On CUDA the items upload and convert on the transfer's upload stream, apart from the compute stream."""
+        return stage_items(items, self.device, self.transfer.upload)
 
     def run_uint8(self, pixels, layout: str | None = None):
         """uint8 pixels (B, H, W, 3) or (B, 3, H, W), any H and W -> restored uint8, same layout, shape and kind.

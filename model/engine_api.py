@@ -6,6 +6,7 @@ benchmarks talk to it only through `InferenceEngine`:
 * `run_batch(x)`: the network on a batch of same-shaped float images, H and W multiples of 8;
 * `run_items(items)`: same-shaped (3, H, W) items from the host, each uint8 (8-bit pixels) or float32
   in [0, 1]; the one place where pixels cross to the engine's device and back (model/transfer.py);
+  `stage_items` and `run_staged` are its two halves, so that a batch can upload while another computes;
 * `warmup(shapes)`: prepare the shapes it will be given before serving (compile, capture, allocate);
 * `describe()` and `memory_report()`: what it is and what each prepared shape cost;
 * `restore_tensor(x)` / `restore(image)`: whole images of any size, tiled by `tiles`.
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from .images import from_tensor, to_tensor
 from .tiling import TileAssembler, extract_tiles, pad_to_multiple, plan_tiles
-from .transfer import items_from_device, items_to_device
+from .transfer import StagedItems, items_from_device, stage_items
 
 Shape = tuple[int, int, int]  # (batch, height, width) of the network's input
 
@@ -78,13 +79,24 @@ class InferenceEngine(ABC):
     def run_items(self, items: Sequence[Tensor]) -> list[Tensor]:
         """Same-shaped (3, H, W) host items, each uint8 or float32 in [0, 1], H and W multiples of 8 -> each
         restored, on the host: uint8 for a uint8 item (rounded on the device), float32 for a float one."""
-        x = items_to_device(items, self.device)
+        return self.run_staged(self.stage_items(items))
+
+    def stage_items(self, items: Sequence[Tensor]) -> StagedItems:
+        """The first half of `run_items`: the items on the engine's device as one float batch. The service
+        calls it on a thread of its own while the device runs the batch before; an engine whose device copies
+        asynchronously uploads on a stream of its own there, so the copy overlaps that compute."""
+        return stage_items(items, self.device)
+
+    def run_staged(self, staged: StagedItems) -> list[Tensor]:
+        """The second half of `run_items`: the network on a staged batch, the results back on the host."""
+        x = staged.take()
+        shape = tuple(x.shape)
         y = self.run_batch(x)
-        if not isinstance(y, Tensor) or y.shape != x.shape:
-            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-            raise BatchMismatch(f"the {self.name} engine returned {got} for an input of {tuple(x.shape)}")
         del x  # the input is not needed while the outputs are converted
-        return items_from_device(y, [i.dtype == torch.uint8 for i in items])
+        if not isinstance(y, Tensor) or tuple(y.shape) != shape:
+            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise BatchMismatch(f"the {self.name} engine returned {got} for an input of {shape}")
+        return items_from_device(y, staged.quantise)
 
     def warmup(self, shapes: Iterable[tuple[int, int] | Shape]) -> dict[Shape, MemoryUse]:
         """Prepare the given item shapes, (H, W) or (largest batch, H, W), before serving; their memory report.

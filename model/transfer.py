@@ -16,7 +16,8 @@ result equals the float path's, bit for bit, when the network's output is the sa
 `items_to_device` / `items_from_device` are the same boundary for the service's batches: same-shaped
 items, each uint8 or float32, cross as one stacked copy per dtype (staged in pinned memory on CUDA)
 and are scaled to one float batch on the device; results cross back rounded to uint8 on the device
-for the uint8 items, float32 for the others.
+for the uint8 items, float32 for the others. `stage_items` starts that upload on a stream of its own
+and hands back a `StagedItems`, whose `take()` makes the compute stream wait for it.
 """
 
 from __future__ import annotations
@@ -86,6 +87,42 @@ def items_to_device(items: Sequence[Tensor], device: torch.device) -> Tensor:
     for rows, part in parts:
         x[rows] = part  # each item in its place
     return x
+
+
+class StagedItems:
+    """Items on their way to the device (`stage_items`): the host items, their float batch on the device, and
+    on CUDA the event that the upload recorded on its own stream."""
+
+    def __init__(self, items: list[Tensor], x: Tensor, uploaded: torch.cuda.Event | None = None) -> None:
+        self.items = items  # kept: a batch that runs out of memory is split and sent again from these
+        self.quantise = [i.dtype == torch.uint8 for i in items]  # which results go back as uint8
+        self._x: Tensor | None = x
+        self._uploaded = uploaded
+
+    def take(self) -> Tensor:
+        """The (B, 3, h, w) float batch, once, for the current stream: on CUDA that stream waits for the upload,
+        and the batch's memory is not reused before that stream is done with it. The handle lets go of it."""
+        x, self._x = self._x, None
+        if x is None:
+            raise RuntimeError("a staged batch runs once")
+        if self._uploaded is not None:
+            stream = torch.cuda.current_stream(x.device)
+            stream.wait_event(self._uploaded)
+            x.record_stream(stream)  # allocated on the upload stream, read on this one
+        return x
+
+
+def stage_items(items: Sequence[Tensor], device: torch.device, stream: torch.cuda.Stream | None = None) -> StagedItems:
+    """`items_to_device`, started: on CUDA with `stream` the copy and the conversion run on that stream and
+    return at once, so a batch staged while the device computes the one before uploads meanwhile."""
+    items = list(items)
+    if stream is None or device.type != "cuda":
+        return StagedItems(items, items_to_device(items, device))
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        x = items_to_device(items, device)
+        uploaded = torch.cuda.Event()
+        uploaded.record(stream)
+    return StagedItems(items, x, uploaded)
 
 
 def items_from_device(y: Tensor, quantise: Sequence[bool]) -> list[Tensor]:

@@ -7,7 +7,7 @@ deadline hears 429 at once rather than 504 when the deadline comes; the static l
 and pixels stay as the outer bound. When its size is known (`MicroBatcher.submit`) it is checked again.
 
 The estimate reads the queue through `Queue` (the batcher) and learns from the batcher: each batch's
-measured throughput (`measured`), the batch on the device (`on_device`), each request's planned size
+measured throughput (`measured`), the batches handed to the device (`on_device`), each request's planned size
 (`planned`). Like the batcher, it runs on the event loop only.
 """
 
@@ -40,6 +40,8 @@ class Queue(Protocol):
     def queued(self, task: str) -> Iterable[Job]: ...
 
     def items_per_batch(self, shape: tuple[int, int]) -> int: ...
+
+    def on_device(self) -> list[tuple[str, int, float]]: ...
 
 
 class Ticket:
@@ -78,7 +80,6 @@ class Admission:
         self._pending = dict.fromkeys(self.tasks, 0)  # admitted, not queued yet (see Ticket)
         self._pending_pixels = dict.fromkeys(self.tasks, 0.0)
         self._typical_pixels = dict.fromkeys(self.tasks, 0.0)  # moving average of a request's computed pixels
-        self.on_device = ("", 0, 0.0)  # (task, pixels, start) of the batch on the device, set by the batcher
 
     # ---- what it learns ---------------------------------------------------------------------------
 
@@ -137,8 +138,9 @@ class Admission:
         consumer's round-robin runs up to one batch of each other task before each of those batches
         and before the newcomer's own. Times come from each task's measured throughput.
         """
-        busy_task, busy_pixels, since = self.on_device
-        wait = max(0.0, busy_pixels / self._rate[busy_task] - (time.monotonic() - since)) if busy_pixels else 0.0
+        on_device = self.queue.on_device()  # the running batch first, then those handed over behind it
+        work = sum(pixels / self._rate[busy] for busy, pixels, _ in on_device)
+        wait = max(0.0, work - (time.monotonic() - on_device[0][2])) if on_device else 0.0
         first, _, batches = self._ahead(task, pending)
         wait += first / self._rate[task]
         for other in self.tasks:

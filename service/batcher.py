@@ -10,6 +10,12 @@ requests of the task are still being decoded (`arriving`) does it wait for them,
 `max_wait_s` after the oldest item was queued. So a lone request on an idle device never waits, a
 burst is batched, and while the device is busy the queue fills by itself.
 
+When to hand a batch to the device: when the device is idle; or, while it runs a batch, as soon as the
+next one is full (up to `batches_ahead` of them wait behind the running one). That batch uploads while
+the one before computes, and the device starts it without a round trip through the event loop. A batch
+that is not full waits for the device to finish instead, and so gathers what arrives meanwhile. A job
+counts as started (its deadline met) when its first batch is handed over.
+
 Admission (`admit`, before a request's body is read) is by expected wait (service/admission.py); the
 batcher tells it what it measures and checks each request again when its size is known (`submit`).
 
@@ -73,6 +79,17 @@ class Job:
         return self.future.done()
 
 
+@dataclass(eq=False)
+class _Batch:
+    """A batch handed to the device: running, or waiting behind the one that runs."""
+
+    task: str
+    jobs: list[Job]
+    pixels: int
+    start: float  # when it was handed over; when the batch before it finished, if that was later
+    runner: asyncio.Task | None = None
+
+
 class MicroBatcher:
     def __init__(
         self,
@@ -86,17 +103,22 @@ class MicroBatcher:
         queue_max_requests: int,
         queue_max_pixels: float,
         replan: Replan | None = None,
+        batches_ahead: int = 1,
     ) -> None:
         self.tasks = tuple(tasks)
         self.run, self.metrics, self.replan = run, metrics, replan
         self.max_batch_size, self.max_wait_s, self.batch_pixels = max_batch_size, max_wait_s, batch_pixels
+        if batches_ahead < 0:
+            raise ValueError(f"batches_ahead must be 0 or more, got {batches_ahead}")
+        self.batches_ahead = batches_ahead
         self._queues: dict[str, deque[Job]] = {t: deque() for t in self.tasks}
         self._depth = dict.fromkeys(self.tasks, 0)
         self._pixels = dict.fromkeys(self.tasks, 0)
         self._arriving = dict.fromkeys(self.tasks, 0)
         self._changed = asyncio.Event()
         self._last = -1  # index of the task served last (round-robin)
-        self._in_flight: list[Job] = []  # members of the batch on the device now
+        self._on_device: list[_Batch] = []  # handed to the device, oldest (running) first
+        self._crash: BaseException | None = None  # a bug in a batch's bookkeeping: the consumer dies of it
         self.batches = 0
         self.admission = Admission(
             self.tasks, self, queue_max_requests=queue_max_requests, queue_max_pixels=queue_max_pixels
@@ -114,6 +136,10 @@ class MicroBatcher:
 
     def pixels(self, task: str | None = None) -> int:
         return sum(self._pixels.values()) if task is None else self._pixels[task]
+
+    def on_device(self) -> list[tuple[str, int, float]]:
+        """(task, pixels, start) of each batch handed to the device, the running one first."""
+        return [(b.task, b.pixels, b.start) for b in self._on_device]
 
     def oldest_wait(self, task: str) -> float:
         return next((time.monotonic() - j.enqueued for j in self._queues[task] if j.queued), 0.0)
@@ -197,24 +223,55 @@ class MicroBatcher:
     # ---- consumer side ---------------------------------------------------------------------------
 
     async def run_forever(self) -> None:
-        """The consumer loop; run it as one task and cancel it to stop."""
-        while True:
-            task = await self._next_task()
-            await self._window(task)
-            batch = self._take(task)
-            if batch:
-                await self._execute(task, batch)
+        """The consumer loop; run it as one task and cancel it to stop (the batches on the device are dropped:
+        answer their jobs with `fail_all`)."""
+        try:
+            while True:
+                await self._device_ready()
+                task = await self._next_task()
+                await self._window(task)
+                batch = self._take(task)
+                if batch:
+                    self._hand_over(task, batch)
+        finally:
+            for b in self._on_device:
+                if b.runner is not None:
+                    b.runner.cancel()
+
+    async def _changes(self, timeout: float | None = None) -> None:
+        """Wait for the next change of the queues or the device (at most `timeout` s); raise what killed a
+        batch's bookkeeping."""
+        if self._crash is None:
+            self._changed.clear()  # before the wait starts: wait_for runs its awaitable a step later
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
+        if self._crash is not None:
+            raise self._crash
+
+    def _peek_task(self) -> str | None:
+        """The task whose turn is next in the round-robin (None: nothing is queued)."""
+        n = len(self.tasks)
+        turns = (self.tasks[(self._last + step) % n] for step in range(1, n + 1))
+        return next((task for task in turns if self._live(task)), None)
+
+    def _fills_batch(self, task: str) -> bool:
+        shape, items, _ = self._shape_load(task)
+        return shape is not None and items >= self.items_per_batch(shape)
+
+    async def _device_ready(self) -> None:
+        """Until the device is idle, or it has room ahead of the running batch and the next batch is full."""
+        while self._on_device:
+            if len(self._on_device) <= self.batches_ahead and (task := self._peek_task()) and self._fills_batch(task):
+                return
+            await self._changes()
 
     async def _next_task(self) -> str:
         while True:
-            n = len(self.tasks)
-            for step in range(1, n + 1):
-                i = (self._last + step) % n
-                if self._live(self.tasks[i]):
-                    self._last = i
-                    return self.tasks[i]
-            self._changed.clear()
-            await self._changed.wait()
+            task = self._peek_task()
+            if task is not None:
+                self._last = self.tasks.index(task)
+                return task
+            await self._changes()
 
     def _in_turn(self, task: str) -> list[Job]:
         """Queued jobs, the one whose turn came first first.
@@ -244,9 +301,7 @@ class MicroBatcher:
             remaining = self._live(task)[0].enqueued + self.max_wait_s - time.monotonic()
             if remaining <= 0:
                 return
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+            await self._changes(remaining)
 
     def _take(self, task: str) -> list[tuple[Job, int, int]]:
         """Dispatch up to a full batch of the oldest shape: [(job, generation, item index)]."""
@@ -275,29 +330,57 @@ class MicroBatcher:
                 job.turn = now  # more tiles left: they queue behind whoever is waiting now
         return batch
 
-    async def _execute(self, task: str, batch: list[tuple[Job, int, int]]) -> None:
+    def _hand_over(self, task: str, batch: list[tuple[Job, int, int]]) -> None:
+        """Give a batch to the device: its members are on the device from now on (`fail_all` answers them)."""
         jobs = list(dict.fromkeys(job for job, _, _ in batch))
         self.metrics.batch_requests.labels(task).observe(len(jobs))
         self.metrics.batch_tiles.labels(task).observe(len(batch))
-        start = time.monotonic()
         pixels = len(batch) * batch[0][0].plan.shape[0] * batch[0][0].plan.shape[1]
-        self._in_flight, self.admission.on_device = jobs, (task, pixels, start)
+        handed = _Batch(task, jobs, pixels, time.monotonic())
+        self._on_device.append(handed)
+        handed.runner = asyncio.create_task(self._execute(handed, batch), name=f"batch-{task}")
+        handed.runner.add_done_callback(lambda runner: self._batch_ended(runner, handed))
+
+    def _finished(self, handed: _Batch) -> float:
+        """Take a batch off the device; its time there. Batches finish in the order they were handed over (one
+        upload thread, one device thread): the next one's compute starts now and is counted from here."""
+        now = time.monotonic()
+        self._on_device.remove(handed)
+        if self._on_device:
+            self._on_device[0].start = max(self._on_device[0].start, now)
+        elapsed = now - handed.start
+        self.batches += 1
+        self.metrics.inference.labels(handed.task).observe(elapsed)
+        self._changed.set()
+        return elapsed
+
+    def _batch_ended(self, runner: asyncio.Task, handed: _Batch) -> None:
+        """A batch's task ended. If it died of a bug, its requests are answered, and the consumer dies of the bug
+        too: a batcher whose bookkeeping failed cannot be trusted with more (the service turns red)."""
+        if not runner.cancelled() and (error := runner.exception()) is not None:
+            log.error("the bookkeeping of a batch for %s failed", handed.task, exc_info=error)
+            for job in handed.jobs:
+                self._resolve(job, error=InferenceFailed())
+            if handed in self._on_device:
+                self._on_device.remove(handed)
+            self._crash = self._crash or error
+        self._changed.set()
+
+    async def _execute(self, handed: _Batch, batch: list[tuple[Job, int, int]]) -> None:
+        task, jobs = handed.task, handed.jobs
         try:
             results = await self.run(task, [job.plan.inputs[i] for job, _, i in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"the model returned {len(results)} results for a batch of {len(batch)}")
         except Exception as e:
+            self._finished(handed)
             ids = ", ".join(j.request_id for j in jobs)
             log.error("batch of %d items for %s failed (requests %s)", len(batch), task, ids, exc_info=e)
             for job in jobs:
                 self._resolve(job, error=InferenceFailed())
             return
-        finally:
-            self._in_flight, self.admission.on_device = [], ("", 0, 0.0)
-            elapsed = time.monotonic() - start
-            self.batches += 1
-            self.metrics.inference.labels(task).observe(elapsed)
-        self.admission.measured(task, pixels, elapsed)
+        # (cancelled: the service is stopping; the batch stays listed, so `fail_all` answers its jobs)
+        self.admission.measured(task, handed.pixels, self._finished(handed))
 
         too_big: list[Job] = []
         for (job, generation, index), result in zip(batch, results, strict=True):
@@ -340,8 +423,9 @@ class MicroBatcher:
 
     def fail_all(self, error: ServiceError) -> None:
         """Answer everything queued or on the device (used when stopping)."""
-        for job in self._in_flight:
-            self._resolve(job, error=error)
+        for handed in self._on_device:
+            for job in handed.jobs:
+                self._resolve(job, error=error)
         for q in self._queues.values():
             for job in list(q):
                 self._resolve(job, error=error)

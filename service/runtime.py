@@ -55,6 +55,7 @@ class Service:
             queue_max_requests=settings.queue_max_requests,
             queue_max_pixels=settings.queue_max_megapixels * MEGA,
             replan=self.planner.smaller,
+            batches_ahead=settings.batches_ahead,
         )
         # Codec threads convert, pad and blend small tensors: one torch thread each. With torch's
         # default (all cores) every such op wakes an OpenMP team that fights the model's for the

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     # max_wait_ms after its first request (waiting only while more requests are being decoded).
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    # Full batches handed to the device while it still runs one (0: each batch is formed when the device is
+    # idle): a batch waiting there uploads during the running one's compute and starts without a round trip
+    # through the event loop. Only a full batch goes early, so batching under light load is unchanged.
+    batches_ahead: int = Field(1, ge=0, le=4)
     # Bucket shapes WIDTHxHEIGHT ("512x384") or squares ("256"): small images are padded to the
     # smallest bucket that holds them; larger ones are cut into tile_size tiles.
     buckets: Annotated[tuple[tuple[int, int], ...], NoDecode] = ((256, 256), (512, 512))

@@ -7,7 +7,10 @@ batch (the batcher fans it out to every member). A sticky CUDA error, a device e
 confirms, or several failed probes in a row mark the device failed: /livez asks for a new process.
 
 Items arrive as uint8 pixel values (8-bit images) or float32 in [0, 1] (16-bit ones), possibly both
-in one batch; the engine moves them to its device and back (`InferenceEngine.run_items`).
+in one batch; the engine moves them to its device and back (`InferenceEngine.run_items`). A batch is
+staged (copied to the device and converted, `stage_items`) on an upload thread of its own, then run on
+the device thread (`run_staged`): a batch handed over while the one before still computes uploads
+meanwhile (on CUDA on the engine's upload stream), and the device thread finds it ready.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor
 
 from model.engine_api import BatchMismatch, InferenceEngine
+from model.transfer import StagedItems
 
 log = logging.getLogger("service.worker")
 __all__ = ["BatchMismatch", "DeviceWorker", "ItemOutOfMemory", "device_error_kind", "is_out_of_memory"]
@@ -109,14 +113,20 @@ class DeviceWorker:
         # probe one (the codec threads set their own; see runtime.py).
         threads = threads or torch.get_num_threads()
         self._pool = ThreadPoolExecutor(1, "device", initializer=_thread_setup, initargs=(device, threads))
+        self._upload_pool = ThreadPoolExecutor(1, "device-upload", initializer=_thread_setup, initargs=(device, 1))
         self._probe_pool = ThreadPoolExecutor(1, "device-probe", initializer=_thread_setup, initargs=(device, 1))
         self._probe_stream = None
         self._lock = threading.Lock()
 
     async def run(self, task: str, inputs: Sequence[Tensor]) -> list[Tensor | BaseException]:
         """Run same-shaped (3, h, w) items as one batch (split on OOM); one result (on the CPU, uint8 for a
-        uint8 item, else float32) or ItemOutOfMemory per item."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.run_sync, task, list(inputs))
+        uint8 item, else float32) or ItemOutOfMemory per item.
+
+        Staged on the upload thread first, so a batch handed over while another runs uploads meanwhile.
+        """
+        loop, model, items = asyncio.get_running_loop(), self.models[task], list(inputs)
+        staged = await loop.run_in_executor(self._upload_pool, self._stage, model, items)
+        return await loop.run_in_executor(self._pool, self._split_run, model, items, staged)
 
     async def warm_up(self, task: str, shape: tuple[int, int], max_items: int = 1) -> None:
         """Prepare one (h, w) item shape for batches of up to `max_items` (`InferenceEngine.warmup`)."""
@@ -134,8 +144,26 @@ class DeviceWorker:
         conversions, model, download) without the event loop; the service always goes through `run`."""
         return self._split_run(self.models[task], list(inputs))
 
-    def _split_run(self, model: InferenceEngine, items: list[Tensor]) -> list[Tensor | BaseException]:
+    def _stage(self, model: InferenceEngine, items: list[Tensor]) -> StagedItems | None:
+        """The batch on the device, from the upload thread; None when that ran out of memory: the cache is
+        emptied and the device thread runs the batch from the host, split in halves if it runs out again."""
         try:
+            return model.stage_items(items)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                self._judge(e)
+                raise
+            log.warning("out of memory uploading a batch of %d x %s", len(items), tuple(items[0].shape[1:]))
+        model.free_cache()  # outside the `except` block, whose traceback holds the tensors
+        return None
+
+    def _split_run(
+        self, model: InferenceEngine, items: list[Tensor], staged: StagedItems | None = None
+    ) -> list[Tensor | BaseException]:
+        """`items` through the model (`staged`: already on the device), halved and retried on out of memory."""
+        try:
+            if staged is not None:
+                return model.run_staged(staged)
             return model.run_items(items)  # uploads and conversions included: they can run out of memory too
         except Exception as e:
             if not is_out_of_memory(e):
@@ -143,6 +171,7 @@ class DeviceWorker:
                 raise
             log.warning("out of memory on a batch of %d x %s; splitting", len(items), tuple(items[0].shape[1:]))
         # Retry outside the `except` block: the exception's traceback holds the failed batch's tensors.
+        staged = None
         model.free_cache()
         if len(items) == 1:
             _, h, w = items[0].shape
@@ -220,5 +249,6 @@ class DeviceWorker:
             raise RuntimeError(f"1 + 1 = {v}")
 
     def close(self) -> None:
+        self._upload_pool.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._probe_pool.shutdown(wait=False, cancel_futures=True)

@@ -410,6 +410,21 @@ def test_cuda_uint8_submissions_overlap_and_match_the_synchronous_result():
 
 
 @pytest.mark.gpu
+def test_cuda_batches_staged_on_the_upload_stream_while_another_computes_match_run_items():
+    _, fast = _cuda_pair(compile="off", cuda_graphs=True)
+    fast.warmup([(32, 32)])
+    batches = [[torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8) for _ in range(3)] for _ in range(3)]
+    want = [fast.run_items(b) for b in batches]
+    staged = fast.stage_items(batches[0])
+    for k in range(3):  # each next batch uploads on its own stream before the one before runs
+        following = fast.stage_items(batches[k + 1]) if k < 2 else None
+        got = fast.run_staged(staged)
+        assert all(torch.equal(g, w) for g, w in zip(got, want[k], strict=True))
+        staged = following
+    assert fast.transfer.upload is not None and fast.transfer.upload != torch.cuda.current_stream(fast.device)
+
+
+@pytest.mark.gpu
 def test_cuda_engines_share_one_graph_pool_and_answer_as_eager():
     eager, first = _cuda_pair(compile="off", cuda_graphs=True)
     second = Engine(_tiny(), device="cuda", settings=EngineSettings(compile="off", cuda_graphs=True, max_batch=4))
@@ -434,3 +449,13 @@ def test_cuda_graphs_on_a_second_gpu_stay_there():
     torch.testing.assert_close(graphs.run_batch(x), eager.run_batch(x), atol=2e-2, rtol=0)
     assert torch.cuda.memory_allocated(0) == before  # nothing captured or allocated on cuda:0
     assert torch.cuda.current_device() == 0  # the caller's device is left as it was
+
+
+def test_run_items_is_its_two_halves_and_a_staged_batch_keeps_its_items():
+    engine = Engine(_tiny(), device="cpu", settings=EngineSettings(compile="off"))
+    items = [torch.randint(0, 256, (3, 16, 24), dtype=torch.uint8), torch.rand(3, 16, 24)]
+    staged = engine.stage_items(items)
+    assert staged.items == items and staged.quantise == [True, False]
+    got, want = engine.run_staged(staged), engine.run_items(items)
+    assert [g.dtype for g in got] == [torch.uint8, torch.float32]
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))

@@ -4,6 +4,7 @@ deadlines, cancellation, backpressure, out-of-memory fallback and fairness. Driv
 from __future__ import annotations
 
 import asyncio
+import threading
 from contextlib import asynccontextmanager
 
 import anyio
@@ -16,7 +17,7 @@ from service.errors import DeadlineExceeded, Disconnected, InferenceFailed, OutO
 from service.metrics import Metrics
 from service.planner import Plan, Planner
 from service.worker import DeviceWorker
-from tests.service.conftest import FakeModel
+from tests.service.conftest import FakeModel, until
 
 pytestmark = pytest.mark.anyio
 FAR = 1e9  # a deadline that never comes
@@ -277,3 +278,115 @@ async def test_out_of_memory_even_in_the_smallest_tiles_answers_that_request_onl
         model.fn = lambda x: x.clone()  # memory is back: the batcher still serves
         with anyio.fail_after(10):
             await submit(b, plan(1.0)).future
+
+
+# ---- handing batches to the device ahead of time ---------------------------------------------------------
+
+
+class StagingModel(FakeModel):
+    """FakeModel that says when a batch was staged (its upload, on the worker's upload thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.staged = threading.Event()
+
+    def stage_items(self, items):
+        staged = super().stage_items(items)
+        self.staged.set()
+        return staged
+
+
+async def spin(steps: int = 50) -> None:
+    """Let the consumer run as far as it will (to show that something does not happen)."""
+    for _ in range(steps):
+        await asyncio.sleep(0)
+
+
+async def test_a_full_batch_is_handed_over_and_uploaded_while_the_device_runs_the_one_before():
+    model = StagingModel()
+    async with batcher(model, max_batch_size=4) as b:
+        first = await occupy(b, model)
+        model.staged.clear()
+        jobs = [submit(b, plan(float(v))) for v in range(3)]
+        await spin()
+        assert len(b.on_device()) == 1 and b.depth() == 3  # not full: it waits and gathers what arrives
+        jobs.append(submit(b, plan(3.0)))  # now it is full
+        await until(lambda: len(b.on_device()) == 2)
+        assert b.depth() == 0
+        assert await anyio.to_thread.run_sync(model.staged.wait, 10)  # uploaded while the device is still busy
+        assert len(model.batches) == 1  # the first batch is still on the device
+        jobs.append(submit(b, plan(9.0)))
+        jobs += [submit(b, plan(10.0 + v)) for v in range(3)]
+        await spin()
+        assert len(b.on_device()) == 2  # a full batch, but one is already waiting behind the running one
+        model.gate.set()
+        with anyio.fail_after(10):
+            outs = [await job.future for job in [first, *jobs]]
+    assert [len(batch) for batch in model.batches] == [1, 4, 4]
+    assert [float(o[0][0, 0, 0]) for o in outs] == [-1.0, 0.0, 1.0, 2.0, 3.0, 9.0, 10.0, 11.0, 12.0]
+
+
+async def test_with_no_batches_ahead_a_batch_is_formed_only_when_the_device_is_idle():
+    model = StagingModel()
+    async with batcher(model, max_batch_size=4, batches_ahead=0) as b:
+        first = await occupy(b, model)
+        model.staged.clear()
+        jobs = [submit(b, plan(float(v))) for v in range(6)]
+        await spin()
+        assert len(b.on_device()) == 1 and b.depth() == 6 and not model.staged.is_set()
+        model.gate.set()
+        with anyio.fail_after(10):
+            for job in [first, *jobs]:
+                await job.future
+    assert [len(batch) for batch in model.batches] == [1, 4, 2]
+
+
+async def test_batches_handed_ahead_are_answered_when_the_batcher_stops():
+    model = FakeModel()
+    async with batcher(model, max_batch_size=2) as b:
+        first = await occupy(b, model)
+        ahead = [submit(b, plan(float(v))) for v in range(2)]
+        queued = submit(b, plan(5.0))
+        await until(lambda: len(b.on_device()) == 2)
+        b.fail_all(Disconnected())  # what stopping does (service/runtime.py), with its own error
+        for job in [first, *ahead, queued]:
+            with pytest.raises(Disconnected):
+                await job.future
+
+
+async def test_the_wait_counts_every_batch_handed_to_the_device():
+    model = FakeModel()
+    async with batcher(model, max_batch_size=2) as b:
+        for task in b.tasks:
+            b.seed_throughput(task, 64.0, 1.0)  # one 8x8 item: one second
+        first = await occupy(b, model)  # 1 s
+        for v in range(2):
+            submit(b, plan(float(v)))  # a full batch of 2 s, handed over behind it
+        await until(lambda: len(b.on_device()) == 2)
+        assert 2.5 < b.expected_wait("a") <= 3.0
+        model.gate.set()
+        with anyio.fail_after(10):
+            await first.future
+
+
+async def test_a_bug_in_a_batch_s_bookkeeping_stops_the_consumer_and_still_answers_that_batch():
+    worker = DeviceWorker({"a": FakeModel()}, torch.device("cpu"))
+    b = MicroBatcher(("a",), worker.run, Metrics(("a",)), max_batch_size=4, max_wait_s=1.0, batch_pixels=1e9,
+                     queue_max_requests=10, queue_max_pixels=1e9)
+    b.seed_throughput("a", 1e9, 1.0)
+
+    def broken(*_):
+        raise ValueError("bookkeeping bug")
+
+    b.admission.measured = broken
+    consumer = asyncio.create_task(b.run_forever())
+    try:
+        job = submit(b, plan(1.0))
+        with anyio.fail_after(10):
+            with pytest.raises(ValueError, match="bookkeeping bug"):
+                await consumer  # the consumer dies of it: the service turns red and restarts (service/runtime.py)
+            with pytest.raises(InferenceFailed):
+                await job.future  # and the batch's requests are answered, not left waiting
+    finally:
+        consumer.cancel()
+        worker.close()

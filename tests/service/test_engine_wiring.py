@@ -30,6 +30,16 @@ def test_models_run_on_the_engine_with_the_service_settings(tmp_path):
     assert engine["compile"] == "off" and engine["cuda_graphs"] is False  # auto on the CPU
 
 
+@pytest.mark.anyio
+async def test_the_batcher_hands_batches_ahead_as_configured():
+    for ahead in (0, 2):
+        app = create_app(test_settings(ui_enabled=False, batches_ahead=ahead), models=fake_models(("deblur",)))
+        async with running(app):
+            assert app.state.service.batcher.batches_ahead == ahead
+    with pytest.raises(ValidationError, match="batches_ahead"):
+        test_settings(batches_ahead=-1)
+
+
 def test_engine_settings_are_checked(tmp_path):
     with pytest.raises(ValidationError, match="compile"):
         test_settings(compile="max-autotune")

@@ -4,8 +4,10 @@ dead or hung probes mark the device failed (/livez 503), recoverable ones do not
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
+import anyio
 import pytest
 import torch
 
@@ -193,3 +195,89 @@ async def test_both_liveness_routes_probe_the_device():
         r = await client.get("/v2/health/live")  # the third failed probe in a row
         assert r.status_code == 503 and r.json() == {"live": False}
         assert (await client.get("/livez")).json()["status"] == "device_failed"
+
+
+# ---------------------------------------------------------------- staging: uploads apart from compute
+
+
+class Staging(FakeModel):
+    """Records the thread of every staging and pass; `stage_error` is raised by the next staging."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[tuple[str, str]] = []
+        self.staged = threading.Event()
+        self.stage_error: BaseException | None = None
+        self.freed = 0
+
+    def stage_items(self, items):
+        self.threads.append(("stage", threading.current_thread().name))
+        if self.stage_error is not None:
+            error, self.stage_error = self.stage_error, None
+            raise error
+        staged = super().stage_items(items)
+        self.staged.set()
+        return staged
+
+    def run_batch(self, x):
+        self.threads.append(("run", threading.current_thread().name))
+        return super().run_batch(x)
+
+    def free_cache(self) -> None:
+        self.freed += 1
+
+
+async def test_a_batch_stages_on_the_upload_thread_while_the_device_runs_the_one_before():
+    model = Staging()
+    worker = DeviceWorker({"deblur": model}, torch.device("cpu"))
+    try:
+        model.gate.clear()
+        first = asyncio.ensure_future(worker.run("deblur", [torch.full((3, 8, 8), 1, dtype=torch.uint8)]))
+        await anyio.to_thread.run_sync(model.entered.wait, 10)  # the first batch holds the device thread
+        model.staged.clear()
+        second = asyncio.ensure_future(worker.run("deblur", [torch.full((3, 8, 8), 2, dtype=torch.uint8)] * 2))
+        assert await anyio.to_thread.run_sync(model.staged.wait, 10)  # uploaded meanwhile
+        assert not first.done() and len(model.batches) == 1
+        model.gate.set()
+        with anyio.fail_after(10):
+            (one,), two = await first, await second
+    finally:
+        model.gate.set()
+        worker.close()
+    assert one.dtype == torch.uint8 and int(one[0, 0, 0]) == 1 and [int(t[0, 0, 0]) for t in two] == [2, 2]
+    stages = {name for kind, name in model.threads if kind == "stage"}
+    runs = {name for kind, name in model.threads if kind == "run"}
+    assert all(n.startswith("device-upload") for n in stages) and all(n.startswith("device_") for n in runs)
+
+
+@pytest.mark.parametrize(
+    "error, answered, failed",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True, False),  # run from the host
+        (RuntimeError("a bug in staging"), False, False),  # the batch fails; the device is not blamed
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), False, True),  # the device is lost
+    ],
+)
+async def test_a_staging_error_is_handled_as_a_pass_error(error, answered, failed):
+    model = Staging()
+    model.stage_error = error
+    worker = DeviceWorker({"deblur": model}, torch.device("cpu"))
+    try:
+        items = [torch.rand(3, 8, 8), torch.rand(3, 8, 8)]
+        with anyio.fail_after(10):
+            if answered:
+                out = await worker.run("deblur", items)
+                assert all(torch.equal(o, i) for o, i in zip(out, items, strict=True)) and model.freed == 1
+            else:
+                with pytest.raises(RuntimeError, match=str(error)):
+                    await worker.run("deblur", items)
+        assert (worker.failure is not None) == failed
+    finally:
+        worker.close()
+
+
+def test_a_staged_batch_runs_once():
+    staged = FakeModel().stage_items([torch.rand(3, 8, 8)])
+    assert staged.take().shape == (1, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="runs once"):
+        staged.take()
