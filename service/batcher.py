@@ -65,7 +65,8 @@ class Job:
     next_item: int = 0  # items before this one were dispatched
     done_items: int = 0
     generation: int = 0  # bumped by a re-plan; results of older items are ignored
-    started: float | None = None  # when its first item was dispatched
+    started: float | None = None  # when its first item was handed to the device (its deadline is met)
+    computing: float | None = None  # when the device began its first batch (later, if that waited behind another)
     finished: float | None = None  # when its future was resolved
     queued: bool = False
     turn: float = 0.0  # when this job's next items are due: its arrival, then the time of its last batch
@@ -320,7 +321,6 @@ class MicroBatcher:
                 continue
             if job.started is None:
                 job.started = now
-                self.metrics.queue_wait.labels(task).observe(now - job.enqueued)
             while job.next_item < len(job.plan) and len(batch) < limit:
                 batch.append((job, job.generation, job.next_item))
                 job.next_item += 1
@@ -338,6 +338,8 @@ class MicroBatcher:
         pixels = len(batch) * batch[0][0].plan.shape[0] * batch[0][0].plan.shape[1]
         handed = _Batch(task, jobs, pixels, time.monotonic())
         self._on_device.append(handed)
+        if len(self._on_device) == 1:
+            self._computing(handed)
         handed.runner = asyncio.create_task(self._execute(handed, batch), name=f"batch-{task}")
         handed.runner.add_done_callback(lambda runner: self._batch_ended(runner, handed))
 
@@ -348,11 +350,19 @@ class MicroBatcher:
         self._on_device.remove(handed)
         if self._on_device:
             self._on_device[0].start = max(self._on_device[0].start, now)
+            self._computing(self._on_device[0])
         elapsed = now - handed.start
         self.batches += 1
         self.metrics.inference.labels(handed.task).observe(elapsed)
         self._changed.set()
         return elapsed
+
+    def _computing(self, handed: _Batch) -> None:
+        """The device begins `handed`: for its jobs that had no batch computed before, the queue wait ends."""
+        for job in handed.jobs:
+            if job.computing is None:
+                job.computing = handed.start
+                self.metrics.queue_wait.labels(handed.task).observe(handed.start - job.enqueued)
 
     def _batch_ended(self, runner: asyncio.Task, handed: _Batch) -> None:
         """A batch's task ended. If it died of a bug, its requests are answered, and the consumer dies of the bug

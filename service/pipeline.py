@@ -187,8 +187,8 @@ class Pipeline:
             t2 = time.monotonic()
             result = await self.in_codec_pool(_assemble_and, finish, job.plan, results, decoded)
             timings.encode = time.monotonic() - t2
-        if job.started is not None and job.finished is not None:
-            timings.queue, timings.inference = job.started - job.enqueued, job.finished - job.started
+        if job.computing is not None and job.finished is not None:
+            timings.queue, timings.inference = job.computing - job.enqueued, job.finished - job.computing
         return result, timings
 
     async def restore_many(

@@ -315,6 +315,7 @@ async def test_a_full_batch_is_handed_over_and_uploaded_while_the_device_runs_th
         assert b.depth() == 0
         assert await anyio.to_thread.run_sync(model.staged.wait, 10)  # uploaded while the device is still busy
         assert len(model.batches) == 1  # the first batch is still on the device
+        assert all(j.started is not None and j.computing is None for j in jobs)  # handed over, not computing yet
         jobs.append(submit(b, plan(9.0)))
         jobs += [submit(b, plan(10.0 + v)) for v in range(3)]
         await spin()
@@ -323,6 +324,7 @@ async def test_a_full_batch_is_handed_over_and_uploaded_while_the_device_runs_th
         with anyio.fail_after(10):
             outs = [await job.future for job in [first, *jobs]]
     assert [len(batch) for batch in model.batches] == [1, 4, 4]
+    assert first.computing < jobs[0].computing <= first.finished  # its queue time ran until the device began it
     assert [float(o[0][0, 0, 0]) for o in outs] == [-1.0, 0.0, 1.0, 2.0, 3.0, 9.0, 10.0, 11.0, 12.0]
 
 
