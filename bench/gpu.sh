@@ -6,9 +6,10 @@
 #      (BUNDLED_WEIGHTS=1: the small bundled models): deblur 256x256 best batch and batch 1, deblur 1280x720
 #      batch 1, derain 256x256 best batch; compile/graph outputs against eager; bf16 vs fp32 PSNR
 #      on a real photo for each task
-#   3. HTTP load (bench/load.py) against a server on this machine, deblur 256x256, at saturation
+#   3. HTTP load (bench/load.py) against a server on this machine, deblur 256x256, at saturation; then
+#      once more at C=128 with MPRNET_BATCHES_AHEAD=0 (load-ahead0.txt): what handing batches ahead gains
 #   4. summary (bench/gpu_report.py): the targets' table, targets met or not
-# Everything lands in $OUT (default ./out): gpu.log, engine.json, engine.md, load.txt, load.err,
+# Everything lands in $OUT (default ./out): gpu.log, engine.json, engine.md, load.txt, load-ahead0.txt, load.err,
 # summary.json, summary.md. Each stage has its own `timeout`, so one that hangs or runs long
 # costs its slice and the others still run.
 #
@@ -107,6 +108,14 @@ save_safetensors(MPRNet(**VARIANTS['deblur']), '$WEIGHTS/deblur.safetensors')
   MPRNET_COMPILE_CACHE_DIR=/tmp/mprnet-compile-cache \
     timeout -s INT -k 15 "$(limit 120)" "$PY" -m bench.load --spawn --weights "$WEIGHTS" --task deblur --sizes 256x256 \
       --concurrency 32,64,128 --duration 12 >"$OUT/load.txt" 2>"$OUT/load.err" || log "load stage failed or timed out (rc $?); see load.err"
+  # The same at the highest concurrency with every batch formed only when the device is idle (no batch
+  # handed over, and uploaded, while another computes): what MPRNET_BATCHES_AHEAD=1 above gains.
+  log "load: the same, C=128, MPRNET_BATCHES_AHEAD=0"
+  MPRNET_TASKS=deblur MPRNET_BUCKETS=256 MPRNET_TILE_SIZE=256 MPRNET_TILE_OVERLAP=32 MPRNET_MAX_BATCH_SIZE=32 \
+  MPRNET_BATCH_MEGAPIXELS=2.2 MPRNET_QUEUE_MAX_REQUESTS=1024 MPRNET_COMPILE=$LOAD_COMPILE MPRNET_CUDA_GRAPHS=on \
+  MPRNET_COMPILE_CACHE_DIR=/tmp/mprnet-compile-cache MPRNET_BATCHES_AHEAD=0 \
+    timeout -s INT -k 15 "$(limit 45)" "$PY" -m bench.load --spawn --weights "$WEIGHTS" --task deblur --sizes 256x256 \
+      --concurrency 128 --duration 12 >"$OUT/load-ahead0.txt" 2>>"$OUT/load.err" || log "load (ahead 0) failed (rc $?)"
 fi
 
 # ---- 4. summary -------------------------------------------------------------------------------
