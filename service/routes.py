@@ -2,46 +2,20 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model.variants import PAPER_TASKS, TASKS
 
 from . import codec
-from .errors import NOT_READY_RETRY_S, ServiceError, Unauthorized, error_responses, retry_after
+from .deps import Authorized, ServiceDep
+from .errors import NOT_READY_RETRY_S, ServiceError, error_responses, retry_after
 from .http_io import image_upload, output_format, wait_for_disconnect
-from .runtime import Service
 
 router = APIRouter()
-_bearer = HTTPBearer(auto_error=False, description="Needed only when the server sets MPRNET_API_TOKEN")
-
-
-def get_service(request: Request) -> Service:
-    return request.app.state.service
-
-
-ServiceDep = Annotated[Service, Depends(get_service)]
-
-
-def require_token(
-    request: Request, service: ServiceDep, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> None:
-    token = service.settings.api_token
-    if token is None:
-        return
-    if creds is None or not secrets.compare_digest(creds.credentials.encode(), token.get_secret_value().encode()):
-        task = request.path_params.get("task", "unknown")
-        error = Unauthorized()
-        service.metrics.reject(task, error)
-        raise error
-
-
-Authorized = [Depends(require_token)]
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff")

@@ -21,10 +21,10 @@ from fastapi.routing import APIRoute
 from torch import Tensor
 
 from .. import codec, pipeline
+from ..deps import Authorized, ServiceDep
 from ..errors import ServiceError, UnknownTask
 from ..http_io import raw_upload, wait_for_disconnect
 from ..middleware import printable
-from ..routes import Authorized, ServiceDep
 from ..runtime import Service
 from . import images
 from .openapi import INFER_BODY, INFERRED, errors
