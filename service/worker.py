@@ -35,13 +35,17 @@ class ItemOutOfMemory(Exception):
     """One item did not fit in device memory even in a batch of one."""
 
 
-# Allocation failures outside torch's caching allocator (a library's workspace, a raw cudaMalloc):
-# recoverable like torch.OutOfMemoryError, and answered the same way (free the cache, split the batch).
+# Allocation failures outside torch's caching allocator (a library's workspace, a raw cudaMalloc, OpenVINO's
+# CPU plugin and allocator): recoverable like torch.OutOfMemoryError, and answered the same way (free the
+# cache, split the batch).
 _ALLOCATION_FAILURES = (
     "can't allocate memory",
     "CUDA error: out of memory",
     "CUBLAS_STATUS_ALLOC_FAILED",
     "CUDNN_STATUS_ALLOC_FAILED",
+    "Failed to allocate",  # OpenVINO: "Failed to allocate N bytes of memory"
+    "std::bad_alloc",
+    "bad allocation",  # std::bad_alloc's message on Windows builds
 )
 # Sticky errors: the CUDA context is corrupt and every later call fails the same way; only a new
 # process recovers (the CUDA runtime's descriptions of those error codes, as torch puts them in messages).

@@ -28,12 +28,12 @@ def test_every_thread_that_touches_the_device_sets_it_first(monkeypatch: pytest.
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
     worker = DeviceWorker({}, torch.device("cuda:1"), threads=2)
     try:
-        pools = (worker._pool, worker._probe_pool)
+        pools = (worker._pool, worker._probe_pool, worker._upload_pool)
         names = [pool.submit(lambda: threading.current_thread().name).result() for pool in pools]
     finally:
         worker.close()
     assert set_on == dict.fromkeys(names, torch.device("cuda:1"))
-    assert names[0].startswith("device_") and names[1].startswith("device-probe")
+    assert names[0].startswith("device_") and names[1].startswith("device-probe") and names[2].startswith("device-upload")
 
     set_on.clear()
     worker = DeviceWorker({}, torch.device("cuda"))  # no index: the thread keeps its current device, and starts
@@ -62,13 +62,19 @@ def test_every_thread_that_touches_the_device_sets_it_first(monkeypatch: pytest.
         ("CUDA error: invalid configuration argument", "device"),
         ("CUDA error: out of memory", None),  # an allocation failure: split and retry, as OutOfMemoryError
         ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", None),
+        # OpenVINO's CPU plugin and its allocator (std::bad_alloc, "bad allocation" on Windows)
+        ("Exception from src/inference/src/cpp/infer_request.cpp:223:\nCheck 'ptr' failed at "
+         "src/plugins/intel_cpu/src/cpu_memory.cpp:257:\nFailed to allocate 7663872811008 bytes of memory", None),
+        ("Exception from src/core/src/runtime/allocator.cpp:79:\nstd::bad_alloc", None),
+        ("Exception from src\\core\\src\\runtime\\allocator.cpp:79:\nbad allocation", None),
         ("Expected all tensors to be on the same device, but found at least two devices", None),
         ("Given groups=1, weight of size [8, 3, 3, 3], expected input to have 3 channels", None),
     ],
 )
 def test_only_sticky_errors_lose_the_device_outright(message, kind):
     assert device_error_kind(RuntimeError(message)) == kind
-    assert is_out_of_memory(RuntimeError(message)) == ("out of memory" in message or "ALLOC_FAILED" in message)
+    allocation = ("out of memory", "ALLOC_FAILED", "Failed to allocate", "bad_alloc", "bad allocation")
+    assert is_out_of_memory(RuntimeError(message)) == any(s in message for s in allocation)
 
 
 class Failing(FakeModel):
