@@ -138,9 +138,10 @@ class Admission:
         consumer's round-robin runs up to one batch of each other task before each of those batches
         and before the newcomer's own. Times come from each task's measured throughput.
         """
-        on_device = self.queue.on_device()  # the running batch first, then those handed over behind it
-        work = sum(pixels / self._rate[busy] for busy, pixels, _ in on_device)
-        wait = max(0.0, work - (time.monotonic() - on_device[0][2])) if on_device else 0.0
+        wait = 0.0
+        for k, (busy, pixels, since) in enumerate(self.queue.on_device()):  # the running batch, then those behind it
+            work = pixels / self._rate[busy]
+            wait += max(0.0, work - (time.monotonic() - since)) if k == 0 else work  # an overrun delays the rest
         first, _, batches = self._ahead(task, pending)
         wait += first / self._rate[task]
         for other in self.tasks:

@@ -88,7 +88,6 @@ class _Batch:
     jobs: list[Job]
     pixels: int
     start: float  # when it was handed over; when the batch before it finished, if that was later
-    runner: asyncio.Task | None = None
 
 
 class MicroBatcher:
@@ -119,6 +118,8 @@ class MicroBatcher:
         self._changed = asyncio.Event()
         self._last = -1  # index of the task served last (round-robin)
         self._on_device: list[_Batch] = []  # handed to the device, oldest (running) first
+        self._runners: set[asyncio.Task] = set()  # each batch's task, until it ends (a re-plan runs in it)
+        self._replanning: set[Job] = set()  # out of memory: being re-planned, neither queued nor on the device
         self._crash: BaseException | None = None  # a bug in a batch's bookkeeping: the consumer dies of it
         self.batches = 0
         self.admission = Admission(
@@ -235,9 +236,8 @@ class MicroBatcher:
                 if batch:
                     self._hand_over(task, batch)
         finally:
-            for b in self._on_device:
-                if b.runner is not None:
-                    b.runner.cancel()
+            for runner in self._runners:
+                runner.cancel()
 
     async def _changes(self, timeout: float | None = None) -> None:
         """Wait for the next change of the queues or the device (at most `timeout` s); raise what killed a
@@ -340,15 +340,18 @@ class MicroBatcher:
         self._on_device.append(handed)
         if len(self._on_device) == 1:
             self._computing(handed)
-        handed.runner = asyncio.create_task(self._execute(handed, batch), name=f"batch-{task}")
-        handed.runner.add_done_callback(lambda runner: self._batch_ended(runner, handed))
+        runner = asyncio.create_task(self._execute(handed, batch), name=f"batch-{task}")
+        self._runners.add(runner)
+        runner.add_done_callback(lambda runner: self._batch_ended(runner, handed))
 
     def _finished(self, handed: _Batch) -> float:
-        """Take a batch off the device; its time there. Batches finish in the order they were handed over (one
-        upload thread, one device thread): the next one's compute starts now and is counted from here."""
+        """Take a batch off the device; its time there. Batches compute in the order they were handed over (one
+        upload thread, one device thread): when the running one ends, the next one's compute starts and is
+        counted from then. (One waiting behind can end first only by failing before it ran: its staging.)"""
         now = time.monotonic()
+        running = self._on_device[0] is handed
         self._on_device.remove(handed)
-        if self._on_device:
+        if running and self._on_device:
             self._on_device[0].start = max(self._on_device[0].start, now)
             self._computing(self._on_device[0])
         elapsed = now - handed.start
@@ -367,6 +370,7 @@ class MicroBatcher:
     def _batch_ended(self, runner: asyncio.Task, handed: _Batch) -> None:
         """A batch's task ended. If it died of a bug, its requests are answered, and the consumer dies of the bug
         too: a batcher whose bookkeeping failed cannot be trusted with more (the service turns red)."""
+        self._runners.discard(runner)
         if not runner.cancelled() and (error := runner.exception()) is not None:
             log.error("the bookkeeping of a batch for %s failed", handed.task, exc_info=error)
             for job in handed.jobs:
@@ -398,6 +402,7 @@ class MicroBatcher:
                 continue  # cancelled, failed, or re-planned meanwhile
             if isinstance(result, ItemOutOfMemory):
                 too_big.append(job)
+                self._replan_begins(job)  # before any await: its other items stop here
             elif isinstance(result, BaseException):
                 self._resolve(job, error=InferenceFailed())
             elif job.outputs[index] is None:
@@ -410,11 +415,20 @@ class MicroBatcher:
         for job in dict.fromkeys(too_big):
             await self._fall_back(job)
 
+    def _replan_begins(self, job: Job) -> None:
+        """An item of `job` did not fit alone. From now on its items still queued are not handed over, and the
+        results of those on the device are ignored (their generation is past); `fail_all` answers it."""
+        self._dequeue(job)
+        with contextlib.suppress(ValueError):
+            self._queues[job.task].remove(job)  # it re-enters at the front when re-planned
+        job.generation += 1
+        self._replanning.add(job)
+
     async def _fall_back(self, job: Job) -> None:
-        """An item of `job` did not fit alone: re-plan it with smaller tiles, or answer 503."""
-        if job.done:
-            return
+        """Re-plan a job whose item did not fit alone (`_replan_begins`) with smaller tiles, or answer 503."""
+        # cancelled here (stopping), the job stays in `_replanning`, and `fail_all` answers it
         plan = await asyncio.to_thread(self.replan, job.image, job.plan) if self.replan else None
+        self._replanning.discard(job)
         if job.done:
             return
         if plan is None:
@@ -424,10 +438,7 @@ class MicroBatcher:
             return
         log.warning("request %s: out of memory with %s items; re-planned as %d items of %s",
                     job.request_id, job.plan.shape, len(plan), plan.shape)
-        self._dequeue(job)
-        with contextlib.suppress(ValueError):
-            self._queues[job.task].remove(job)  # it re-enters at the front below
-        job.plan, job.generation, job.next_item, job.done_items = plan, job.generation + 1, 0, 0
+        job.plan, job.next_item, job.done_items = plan, 0, 0
         job.outputs = [None] * len(plan)
         self._enqueue(job, front=True)
 
@@ -436,6 +447,9 @@ class MicroBatcher:
         for handed in self._on_device:
             for job in handed.jobs:
                 self._resolve(job, error=error)
+        for job in list(self._replanning):
+            self._resolve(job, error=error)
+        self._replanning.clear()
         for q in self._queues.values():
             for job in list(q):
                 self._resolve(job, error=error)

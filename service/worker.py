@@ -130,6 +130,8 @@ class DeviceWorker:
         """
         loop, model, items = asyncio.get_running_loop(), self.models[task], list(inputs)
         staged = await loop.run_in_executor(self._upload_pool, self._stage, model, items)
+        if staged is None:  # the upload ran out of memory: on the device thread, free the cache and run from the host
+            return await loop.run_in_executor(self._pool, self._run_from_host, model, items)
         return await loop.run_in_executor(self._pool, self._split_run, model, items, staged)
 
     async def warm_up(self, task: str, shape: tuple[int, int], max_items: int = 1) -> None:
@@ -149,8 +151,7 @@ class DeviceWorker:
         return self._split_run(self.models[task], list(inputs))
 
     def _stage(self, model: InferenceEngine, items: list[Tensor]) -> StagedItems | None:
-        """The batch on the device, from the upload thread; None when that ran out of memory: the cache is
-        emptied and the device thread runs the batch from the host, split in halves if it runs out again."""
+        """The batch on the device, from the upload thread; None when that ran out of memory (`_run_from_host`)."""
         try:
             return model.stage_items(items)
         except Exception as e:
@@ -158,8 +159,13 @@ class DeviceWorker:
                 self._judge(e)
                 raise
             log.warning("out of memory uploading a batch of %d x %s", len(items), tuple(items[0].shape[1:]))
-        model.free_cache()  # outside the `except` block, whose traceback holds the tensors
-        return None
+            return None
+
+    def _run_from_host(self, model: InferenceEngine, items: list[Tensor]) -> list[Tensor | BaseException]:
+        """After an upload ran out of memory: the cache emptied (here, on the device thread, never while it
+        captures a graph), then the batch from the host, split in halves if it runs out again."""
+        model.free_cache()
+        return self._split_run(model, items)
 
     def _split_run(
         self, model: InferenceEngine, items: list[Tensor], staged: StagedItems | None = None

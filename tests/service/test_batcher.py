@@ -366,6 +366,8 @@ async def test_the_wait_counts_every_batch_handed_to_the_device():
             submit(b, plan(float(v)))  # a full batch of 2 s, handed over behind it
         await until(lambda: len(b.on_device()) == 2)
         assert 2.5 < b.expected_wait("a") <= 3.0
+        b._on_device[0].start -= 5.0  # the running batch has overrun its 1 s by 4 s: the 2 s behind it still wait
+        assert 1.9 < b.expected_wait("a") <= 2.0
         model.gate.set()
         with anyio.fail_after(10):
             await first.future
@@ -392,3 +394,85 @@ async def test_a_bug_in_a_batch_s_bookkeeping_stops_the_consumer_and_still_answe
     finally:
         consumer.cancel()
         worker.close()
+
+
+class FailingUpload(FakeModel):
+    """Staging a batch of two fails (a non-memory error on the upload thread); other batches run."""
+
+    def stage_items(self, items):
+        if len(items) == 2:
+            raise ValueError("bad upload")
+        return super().stage_items(items)
+
+
+async def test_a_batch_that_fails_while_waiting_leaves_the_running_batch_s_clock_alone():
+    model = FailingUpload()
+    async with batcher(model, max_batch_size=2) as b:
+        first = await occupy(b, model)
+        ((_, _, since),) = b.on_device()
+        ahead = [submit(b, plan(float(v))) for v in range(2)]  # full: handed over, and its staging fails at once
+        with anyio.fail_after(10), pytest.raises(InferenceFailed):
+            await ahead[0].future
+        assert b.on_device() == [("a", 64, since)]  # the running batch's start (and so its measured time) kept
+        model.gate.set()
+        with anyio.fail_after(10):
+            await first.future
+
+
+class GatedPlanner(Planner):
+    """A planner whose re-plans wait for `go` and are counted."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.go, self.entered, self.calls = threading.Event(), threading.Event(), 0
+
+    def smaller(self, image, p):
+        self.calls += 1
+        self.entered.set()
+        self.go.wait(10)
+        return super().smaller(image, p)
+
+
+async def test_a_job_being_re_planned_when_the_batcher_stops_is_answered():
+    planner = GatedPlanner(((64, 64),), tile_size=64, overlap=16)
+    model = FakeModel(oom_over(40 * 40))
+    worker = DeviceWorker({"a": model}, torch.device("cpu"))
+    b = MicroBatcher(("a",), worker.run, Metrics(("a",)), max_batch_size=4, max_wait_s=0.0, batch_pixels=1e9,
+                     queue_max_requests=10, queue_max_pixels=1e12, replan=planner.smaller)
+    b.seed_throughput("a", 1e9, 1.0)
+    consumer = asyncio.create_task(b.run_forever())
+    try:
+        image = torch.rand(3, 50, 60)
+        job = b.submit(b.admit("a", FAR), planner.plan(image), image)
+        assert await anyio.to_thread.run_sync(planner.entered.wait, 10)  # out of memory; re-planning in a thread
+        consumer.cancel()  # what stopping does: cancel the consumer, then answer everything
+        await asyncio.gather(consumer, return_exceptions=True)
+        b.fail_all(Disconnected())
+        with anyio.fail_after(10), pytest.raises(Disconnected):
+            await job.future
+    finally:
+        planner.go.set()
+        worker.close()
+
+
+async def test_out_of_memory_stops_a_job_s_old_items_and_re_plans_it_once():
+    planner = GatedPlanner(((64, 64),), tile_size=64, overlap=16)
+    model = FakeModel(oom_over(40 * 40))  # no 64x64 item fits; 32x32 tiles do
+    async with batcher(model, planner=planner, max_batch_size=2) as b:
+        first = await occupy(b, model)
+        image = torch.rand(3, 64, 256)
+        job = b.submit(b.admit("a", FAR), planner.plan(image), image)
+        assert len(job.plan) > 4  # more 64x64 items than two batches hold
+        await until(lambda: len(b.on_device()) == 2)  # the first two are handed over behind the running batch
+        model.gate.set()
+        assert await anyio.to_thread.run_sync(planner.entered.wait, 10)
+        await spin()
+        assert b.depth() == 0 and len(b.on_device()) == 0  # the rest of the old plan is not handed over
+        planner.go.set()
+        with anyio.fail_after(10):
+            outs = await job.future
+            await first.future
+    assert planner.calls == 1 and job.plan.shape == (32, 32) and len(outs) == len(job.plan)
+    assert torch.allclose(job.plan.assemble(outs), image, atol=1e-6)
+    # only the two batches of two already on the device ran 64x64 items (each once whole, then each item alone)
+    assert sum(1 for x in model.batches if x.shape[-1] == 64) == 6
