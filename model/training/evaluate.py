@@ -59,8 +59,14 @@ def to_y(img: np.ndarray) -> np.ndarray:
 _SSIM = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)  # as the papers' MATLAB SSIM
 
 
+def colour_shift(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Per channel (R, G, B): mean of `out` minus mean of `ref`, in 8-bit levels (a cast PSNR hides in a number)."""
+    return (out.reshape(-1, 3).astype(np.float64).mean(0) - ref.reshape(-1, 3).astype(np.float64).mean(0)) * 255.0
+
+
 def scores(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    """PSNR / SSIM, RGB and Y, of `out` against `ref` (both (H, W, 3) in [0, 1])."""
+    """PSNR / SSIM, RGB and Y, of `out` against `ref` (both (H, W, 3) in [0, 1]), and the largest per-channel
+    mean shift in 8-bit levels (`colour_shift`)."""
     out64, ref64 = out.astype(np.float64), ref.astype(np.float64)
     y_out, y_ref = to_y(out64), to_y(ref64)
     return {
@@ -68,6 +74,7 @@ def scores(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
         "ssim": float(structural_similarity(ref64, out64, data_range=1.0, channel_axis=2, **_SSIM)),
         "psnr_y": psnr(y_out, y_ref, peak=255.0),
         "ssim_y": float(structural_similarity(y_ref, y_out, data_range=255.0, **_SSIM)),
+        "colour_shift": float(np.abs(colour_shift(out64, ref64)).max()),
     }
 
 
@@ -164,6 +171,10 @@ def markdown(result: dict) -> str:
     lines = [head, sep]
     for r in [*result["images"], {"image": "**mean**", **result["mean"]}]:
         lines.append(f"| {r['image']} | " + " | ".join(f"{fmt(r[m])} | {fmt_y(r[m])}" for m in methods) + " |")
+    shifts = ", ".join(f"{names[m]} {result['mean'][m]['colour_shift']:.1f}" for m in methods)
+    worst = max(result["images"], key=lambda r: r[methods[-1]]["colour_shift"])
+    lines += ["", f"Largest per-channel mean shift against the target, 8-bit levels, mean over images: {shifts}; "
+              f"{names[methods[-1]]} at most {worst[methods[-1]]['colour_shift']:.1f} ({worst['image']})."]
     return "\n".join(lines) + "\n"
 
 

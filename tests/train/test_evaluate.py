@@ -10,7 +10,18 @@ from torch import nn
 from model.arch import MPRNet
 from model.checkpoint import save_safetensors
 from model.cli import main
-from model.training.evaluate import baseline, estimate_noise, evaluate, load_set, markdown, model_restorer, quantize, scores, to_y
+from model.training.evaluate import (
+    baseline,
+    colour_shift,
+    estimate_noise,
+    evaluate,
+    load_set,
+    markdown,
+    model_restorer,
+    quantize,
+    scores,
+    to_y,
+)
 from model.variants import TINY
 
 
@@ -43,7 +54,18 @@ def test_identity_model_scores_the_input():
     for row in result["images"]:
         assert row["model"] == pytest.approx(row["input"])
     assert result["mean"]["input"]["psnr"] == pytest.approx(20.4, abs=0.6)  # sigma 25 on 8 bits
+    assert result["mean"]["model"]["colour_shift"] == pytest.approx(result["mean"]["input"]["colour_shift"])
     assert "| **mean** |" in markdown(result)
+
+
+def test_a_colour_cast_is_reported_per_channel():
+    items = [(name, ref, ref) for name, _, ref in load_set("denoise", crop=64)]  # clean in, clean target
+    darker_blue = lambda img: np.clip(img - np.array([0.0, 0.0, 6 / 255]), 0, 1)  # noqa: E731
+    result = evaluate("denoise", darker_blue, items, with_baseline=False)
+    assert all(row["input"]["colour_shift"] < 1e-6 for row in result["images"])
+    assert all(5.0 < row["model"]["colour_shift"] < 6.01 for row in result["images"])  # 6 levels, less clipping at 0
+    assert colour_shift(darker_blue(items[0][2]), items[0][2])[:2] == pytest.approx([0.0, 0.0])
+    assert "MPRNet at most" in markdown(result)
 
 
 @pytest.mark.parametrize("task", ["denoise", "deblur", "derain"])
