@@ -466,14 +466,16 @@ async def test_out_of_memory_stops_a_job_s_old_items_and_re_plans_it_once():
         await until(lambda: len(b.on_device()) == 2)  # the first two are handed over behind the running batch
         model.gate.set()
         assert await anyio.to_thread.run_sync(planner.entered.wait, 10)
-        await until(lambda: not b.on_device())  # the batch behind it, already handed over, runs out
+        handed = b.batches + len(b.on_device())  # every batch handed over before the out of memory was seen
+        await until(lambda: not b.on_device())  # a batch already handed over runs out
         await spin()
-        assert b.depth() == 0 and not b.on_device()  # the rest of the old plan is not handed over
+        assert b.depth() == 0 and b.batches == handed  # the rest of the old plan is not handed over
         planner.go.set()
         with anyio.fail_after(10):
             outs = await job.future
             await first.future
     assert planner.calls == 1 and job.plan.shape == (32, 32) and len(outs) == len(job.plan)
     assert torch.allclose(job.plan.assemble(outs), image, atol=1e-6)
-    # only the two batches of two already on the device ran 64x64 items (each once whole, then each item alone)
-    assert sum(1 for x in model.batches if x.shape[-1] == 64) == 6
+    # only the batches of two handed over before the out of memory ran 64x64 items (each once whole, then each
+    # item alone): the first, and the one behind it if the consumer handed it over before the first failed
+    assert sum(1 for x in model.batches if x.shape[-1] == 64) in (3, 6)
