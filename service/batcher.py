@@ -255,14 +255,10 @@ class MicroBatcher:
         turns = (self.tasks[(self._last + step) % n] for step in range(1, n + 1))
         return next((task for task in turns if self._live(task)), None)
 
-    def _fills_batch(self, task: str) -> bool:
-        shape, items, _ = self._shape_load(task)
-        return shape is not None and items >= self.items_per_batch(shape)
-
     async def _device_ready(self) -> None:
         """Until the device is idle, or it has room ahead of the running batch and the next batch is full."""
         while self._on_device:
-            if len(self._on_device) <= self.batches_ahead and (task := self._peek_task()) and self._fills_batch(task):
+            if len(self._on_device) <= self.batches_ahead and (task := self._peek_task()) and self._full(task):
                 return
             await self._changes()
 
@@ -283,18 +279,18 @@ class MicroBatcher:
         """
         return sorted((j for j in self._live(task) if j.queued), key=lambda j: j.turn)
 
-    def _shape_load(self, task: str) -> tuple[tuple[int, int] | None, int, int]:
-        """The shape whose turn it is, and how many items and pixels of that shape are queued."""
+    def _shape_load(self, task: str) -> tuple[tuple[int, int] | None, int]:
+        """The shape whose turn it is, and how many items of that shape are queued."""
         jobs = self._in_turn(task)
         if not jobs:
-            return None, 0, 0
+            return None, 0
         shape = jobs[0].plan.shape
-        items = sum(len(j.plan) - j.next_item for j in jobs if j.plan.shape == shape)
-        return shape, items, items * shape[0] * shape[1]
+        return shape, sum(len(j.plan) - j.next_item for j in jobs if j.plan.shape == shape)
 
     def _full(self, task: str) -> bool:
-        shape, items, pixels = self._shape_load(task)
-        return shape is None or items >= self.max_batch_size or pixels + shape[0] * shape[1] > self.batch_pixels
+        """Nothing of `task` is queued, or a whole batch of its oldest shape is (`items_per_batch`)."""
+        shape, items = self._shape_load(task)
+        return shape is None or items >= self.items_per_batch(shape)
 
     async def _window(self, task: str) -> None:
         """Hold the batch open while more requests of `task` are being decoded, up to max_wait_s."""
@@ -306,7 +302,7 @@ class MicroBatcher:
 
     def _take(self, task: str) -> list[tuple[Job, int, int]]:
         """Dispatch up to a full batch of the oldest shape: [(job, generation, item index)]."""
-        shape, _, _ = self._shape_load(task)
+        shape, _ = self._shape_load(task)
         if shape is None:
             return []
         limit = self.items_per_batch(shape)

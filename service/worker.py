@@ -180,8 +180,8 @@ class DeviceWorker:
                 self._judge(e)
                 raise
             log.warning("out of memory on a batch of %d x %s; splitting", len(items), tuple(items[0].shape[1:]))
-        # Retry outside the `except` block: the exception's traceback holds the failed batch's tensors.
-        staged = None
+        # Retry outside the `except` block: the exception's traceback holds the failed batch's tensors (a staged
+        # batch's handle let go of its device tensor when the pass took it).
         model.free_cache()
         if len(items) == 1:
             _, h, w = items[0].shape

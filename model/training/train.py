@@ -341,8 +341,7 @@ def _main(args: argparse.Namespace) -> int:
         raise SystemExit("mprnet train: --patch must be a multiple of 8")
     if args.val_repeats < 1:
         raise SystemExit("mprnet train: --val-repeats must be at least 1")
-    rain_family(args)  # refuse a bad family before any work
-    refuse_eval_sets(args)
+    rain_family(args)  # refuse a bad family before any work (train() refuses evaluation sets first thing)
     try:
         MPRNet(**model_config(args))
     except ValueError as e:  # e.g. a reduction that does not divide a width

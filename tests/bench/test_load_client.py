@@ -135,8 +135,7 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused():
     async with server, RawClient() as client:
         assert (await client.post(url, b"a", {})).status_code == 200
         (idle_reader, _), = next(iter(client._idle.values()))
-        while not idle_reader.at_eof():
-            await asyncio.sleep(0.01)  # the server's FIN reaches the pooled connection
+        await asyncio.wait_for(idle_reader.read(), 10)  # returns at EOF: the server's FIN reaches the pooled connection
         assert (await client.post(url, b"b", {})).status_code == 200
 
 
